@@ -1,0 +1,16 @@
+"""`atempstore sessions`: not implemented yet."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser("sessions", help="(not implemented yet)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print("atempstore sessions: not implemented yet")
+    return 2

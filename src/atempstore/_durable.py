@@ -1,0 +1,100 @@
+"""Durable publication: write, fsync, publish by rename or link, fsync the directory.
+
+A file published by atempstore is never visible under its final name with
+partial content: data goes to a temporary name first, is fsynced, then is
+published atomically, and the directory is fsynced so the *name* survives a
+power cut too.  These are blocking helpers; callers run a whole sequence of
+them in one worker-thread hop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+
+__all__ = (
+    "create_exclusive",
+    "fsync_dir",
+    "publish_link",
+    "publish_replace",
+    "temp_name",
+    "unlink_quietly",
+    "write_all",
+    "write_new_file",
+)
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def temp_name(final: str) -> str:
+    """A hidden, unguessable temporary name beside ``final`` (same directory)."""
+    head, tail = os.path.split(final)
+    return os.path.join(head, f".{tail}.{secrets.token_hex(6)}.tmp")
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so the names created or removed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """Write every byte of ``data``; ``os.write`` may write less than asked."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def create_exclusive(path: str | os.PathLike[str], mode: int = 0o600) -> int:
+    """Create ``path`` for writing; fail with `FileExistsError` if it exists
+    (never follows a planted symlink)."""
+    return os.open(path, _CREATE_FLAGS, mode)
+
+
+def unlink_quietly(path: str | os.PathLike[str]) -> None:
+    """Remove ``path`` if it is there; used to roll back after a failure."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def write_new_file(
+    path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *, durable: bool = True
+) -> None:
+    """Create ``path`` exclusively, write ``data``, fsync it (if ``durable``).
+
+    On any failure the file is removed and the *original* error propagates:
+    nothing half-written is left behind.
+    """
+    fd = create_exclusive(path)
+    try:
+        try:
+            write_all(fd, data)
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        unlink_quietly(path)
+        raise
+
+
+def publish_link(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Publish ``tmp`` as ``final`` without ever replacing an existing ``final``.
+
+    ``link`` fails with `FileExistsError` if ``final`` exists, unlike
+    ``rename``; the temporary name is then removed either way.
+    """
+    try:
+        os.link(tmp, final, follow_symlinks=False)
+    finally:
+        unlink_quietly(tmp)
+
+
+def publish_replace(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Atomically replace ``final`` by ``tmp`` (readers see old or new, whole)."""
+    os.replace(tmp, final)
