@@ -22,8 +22,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def spawn_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
-    """Start ``python -c code`` in a child process (real process, real files)."""
+def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
+    """Start ``python -c code`` in a child process (real process, real files).
+
+    Its stdin, stdout and stderr are pipes; the caller waits for it or kills it.
+    """
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         env=_env(),
@@ -31,9 +34,7 @@ def spawn_python(code: str, *args: str, **kwargs: object) -> subprocess.Popen[st
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        **kwargs,  # type: ignore[call-overload]
     )
-    return process
 
 
 def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
