@@ -590,9 +590,12 @@ class _AtomicFile:
 
     def __init__(self, final: str) -> None:
         self.final = final
-        self.tmp = temp_name(final)
+        self.tmp = ""
 
     def create(self, binary: bool, overwrite: bool) -> IO[Any]:
+        # abspath may call getcwd(): resolve here, in the worker thread.
+        self.final = os.path.abspath(self.final)
+        self.tmp = temp_name(self.final)
         if not overwrite and os.path.lexists(self.final):
             raise FileExistsError(
                 errno.EEXIST,
@@ -676,7 +679,7 @@ def open_atomic(
             await fh.write(json.dumps(config))
         ```
     """
-    return _open_atomic(os.path.abspath(os.fspath(filename)), binary, overwrite, durable)
+    return _open_atomic(os.fspath(filename), binary, overwrite, durable)
 
 
 @asynccontextmanager

@@ -50,6 +50,63 @@ def file_limiter() -> CapacityLimiter:
     return limiter
 
 
+class _Hop:
+    """A call handed to a worker thread that the caller can wait out.
+
+    anyio shields a non-abandoning ``run_sync`` from anyio cancel scopes, but a
+    plain ``task.cancel()`` still interrupts the ``await`` while the thread
+    runs on: the caller would roll back (close a file, say) *before* the thread
+    finished opening it, and the file would leak.  So the caller, when
+    interrupted, waits here until the call has really finished (or learns it
+    never started), and only then lets the cancellation through.
+    """
+
+    __slots__ = ("_args", "_func", "_loop", "_mutex", "_state", "_waiter")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, func: Callable[..., T], args: tuple[object, ...]
+    ) -> None:
+        self._loop = loop
+        self._func = func
+        self._args = args
+        self._mutex = threading.Lock()
+        self._state = "pending"  # -> "running" -> "finished", or "pending" -> "dropped"
+        self._waiter: asyncio.Future[None] | None = None
+
+    def __call__(self) -> object:
+        with self._mutex:
+            if self._state == "dropped":
+                return None
+            self._state = "running"
+        try:
+            return self._func(*self._args)
+        finally:
+            with self._mutex:
+                self._state = "finished"
+                waiter = self._waiter
+            if waiter is not None:
+                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+                    self._loop.call_soon_threadsafe(_wake, waiter)
+
+    async def wait_out(self) -> None:
+        """Return once the call has finished or can no longer start."""
+        with self._mutex:
+            if self._state == "pending":
+                self._state = "dropped"
+                return
+            if self._state == "finished":
+                return
+            waiter = self._waiter = self._loop.create_future()
+        while not waiter.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def run_sync(
     func: Callable[[Unpack[Ts]], T],
     *args: Unpack[Ts],
@@ -59,15 +116,20 @@ async def run_sync(
     """Run ``func(*args)`` in a worker thread and return its result.
 
     Calls that change state must finish or roll back, so by default a
-    cancellation waits for ``func`` to return before it is delivered.  Only
-    read-only work may pass ``abandon_on_cancel=True``.
+    cancellation is delivered only once ``func`` has returned (or if it never
+    started).  Only read-only work may pass ``abandon_on_cancel=True``.
     """
-    return await anyio.to_thread.run_sync(
-        func,
-        *args,
-        abandon_on_cancel=abandon_on_cancel,
-        limiter=limiter if limiter is not None else file_limiter(),
-    )
+    if limiter is None:
+        limiter = file_limiter()
+    if abandon_on_cancel:
+        return await anyio.to_thread.run_sync(func, *args, abandon_on_cancel=True, limiter=limiter)
+    hop = _Hop(asyncio.get_running_loop(), func, args)
+    try:
+        result = await anyio.to_thread.run_sync(hop, limiter=limiter)
+    except BaseException:
+        await hop.wait_out()
+        raise
+    return result  # type: ignore[return-value]
 
 
 async def run_wait(func: Callable[[], T]) -> T:
