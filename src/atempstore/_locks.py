@@ -35,7 +35,7 @@ import weakref
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
-from typing import IO, Any, Literal, Protocol, overload
+from typing import IO, Any, Generic, Literal, Protocol, TypeVar, overload
 
 import anyio
 import portalocker
@@ -358,7 +358,15 @@ def _wrap_locked(file: IO[Any]) -> AsyncFile:
     return _LockedBinary(sync_file, loop=None, executor=None)
 
 
-class Lock:
+#: Open modes that give a text handle (`Lock` mode ``"w"`` opens as ``"a"``).
+TextMode = Literal["a", "w", "r+", "a+", "w+", "at", "wt", "r+t", "a+t", "w+t"]
+#: Open modes that give a binary handle.
+BinaryMode = Literal["ab", "wb", "rb+", "r+b", "ab+", "a+b", "wb+", "w+b"]
+
+H = TypeVar("H", AsyncTextIOWrapper, AsyncBufferedIOBase, Any)
+
+
+class Lock(Generic[H]):
     """An inter-process lock on ``filename``, usable from many tasks and processes.
 
     The constructor only records its arguments.  `acquire` opens the file with
@@ -382,6 +390,39 @@ class Lock:
         ```
     """
 
+    @overload
+    def __init__(
+        self: Lock[AsyncTextIOWrapper],
+        filename: str | os.PathLike[str],
+        mode: TextMode = "a",
+        timeout: float | None = 5.0,
+        check_interval: float = 0.25,
+        fail_when_locked: bool = False,
+        flags: int = LOCK_EX | LOCK_NB,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Lock[AsyncBufferedIOBase],
+        filename: str | os.PathLike[str],
+        mode: BinaryMode,
+        timeout: float | None = 5.0,
+        check_interval: float = 0.25,
+        fail_when_locked: bool = False,
+        flags: int = LOCK_EX | LOCK_NB,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: Lock[Any],
+        filename: str | os.PathLike[str],
+        mode: str,
+        timeout: float | None = 5.0,
+        check_interval: float = 0.25,
+        fail_when_locked: bool = False,
+        flags: int = LOCK_EX | LOCK_NB,
+    ) -> None: ...
+
     def __init__(
         self,
         filename: str | os.PathLike[str],
@@ -402,7 +443,7 @@ class Lock:
         self._kind = _lock_kind(flags)
         self._truncate = "w" in mode
         self._open_mode = mode.replace("w", "a")
-        self._handle: AsyncFile | None = None
+        self._handle: H | None = None
         self._owner: asyncio.Task[Any] | None = None
         self._mutex: asyncio.Lock | None = None
         self._mutex_loop: asyncio.AbstractEventLoop | None = None
@@ -427,7 +468,7 @@ class Lock:
         timeout: float | None = None,  # noqa: ASYNC109 - portalocker's signature
         check_interval: float | None = None,
         fail_when_locked: bool | None = None,
-    ) -> AsyncFile:
+    ) -> H:
         """Take the lock and return the open aiofiles handle.
 
         Raises `AlreadyLocked` (``fail_when_locked``) or `LockTimeout`.  If the
@@ -477,9 +518,10 @@ class Lock:
             # there is no await, so a cancelled or timed-out acquire can never
             # have truncated the file.  ftruncate is an fd call.
             file.truncate(0)
-        self._handle = _wrap_locked(file)
+        handle: H = _wrap_locked(file)  # type: ignore[assignment]  # H follows the mode
+        self._handle = handle
         self._owner = current
-        return self._handle
+        return handle
 
     async def _acquire_file(
         self, deadline: float | None, waited: float | None, fail: bool
@@ -551,7 +593,7 @@ class Lock:
             if mutex is not None and mutex.locked():
                 mutex.release()
 
-    async def __aenter__(self) -> AsyncFile:
+    async def __aenter__(self) -> H:
         return await self.acquire()
 
     async def __aexit__(
