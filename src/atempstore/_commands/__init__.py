@@ -1,0 +1,3 @@
+"""One module per ``atempstore`` subcommand; see ``atempstore.cli``."""
+
+__all__ = ()
