@@ -1,0 +1,787 @@
+"""FileStore: the gocept.filestore API and the work queue, on real files.
+
+The heavy multi-process battery (thousands of messages, kill -9) is in
+``test_filestore_procs.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gc
+import itertools
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from atempstore import AtempstoreError, FileStore, InvalidNameError, Message
+from atempstore._filestore import rename_noreplace
+from atempstore.cli import main as cli_main
+
+from .conftest import REPO, run_python, spawn_python
+
+BAD_NAMES = ["", ".", "..", "a/b", "/abs", "nul\0byte", ".hidden", "../escape"]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> FileStore:
+    s = FileStore(tmp_path / "store")
+    await s.prepare()
+    return s
+
+
+def names(paths: list[Path]) -> list[str]:
+    return [p.name for p in paths]
+
+
+# --------------------------------------------------------------------------
+# The gocept.filestore API
+
+
+async def test_gocept_flow(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    store = FileStore(root)
+    await store.prepare()
+    await store.prepare()  # idempotent
+    assert sorted(os.listdir(root)) == [".consumers", "cur", "new", "tmp"]
+
+    fh = await store.create("a.txt")
+    await fh.write("hello ")
+    await fh.write("world")
+    await fh.close()
+    assert await store.list("tmp") == [root / "tmp" / "a.txt"]
+    assert await store.list("new") == []
+
+    await store.move("a.txt", "tmp", "new")
+    assert await store.list("tmp") == []
+    assert await store.list("new") == [root / "new" / "a.txt"]
+
+    await store.move("a.txt", "new", "cur")
+    assert await store.list("new") == []
+    [path] = await store.list("cur")
+    assert path == root / "cur" / "a.txt"
+    assert path.read_text() == "hello world"
+
+    await store.copy("a.txt", "cur", "new")
+    assert (root / "new" / "a.txt").read_text() == "hello world"
+    await store.remove("a.txt", "cur")
+    assert await store.list("cur") == []
+    with pytest.raises(FileNotFoundError):
+        await store.remove("a.txt", "cur")
+
+
+async def test_create_modes(store: FileStore) -> None:
+    fh = await store.create("bin", "wb")
+    await fh.write(b"\x00\x01")
+    await fh.close()
+    assert (store.path / "tmp" / "bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(FileExistsError):
+        await store.create("bin", "xb")
+    fh2 = await store.create("bin", "ab")
+    await fh2.write(b"\x02")
+    await fh2.close()
+    assert (store.path / "tmp" / "bin").read_bytes() == b"\x00\x01\x02"
+    for mode in ("r", "rb", "w+r", "wbt", "ww"):
+        with pytest.raises(ValueError, match="mode"):
+            await store.create("x", mode)
+
+
+async def test_create_does_not_follow_a_planted_symlink(store: FileStore, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (store.path / "tmp" / "trap").symlink_to(victim)
+    with pytest.raises(OSError, match="symbolic links") as info:
+        await store.create("trap")
+    assert info.value.errno == errno.ELOOP
+    assert victim.read_text() == "keep"
+
+
+@pytest.mark.parametrize("bad", BAD_NAMES)
+async def test_bad_names_are_refused_everywhere(store: FileStore, bad: str) -> None:
+    calls = [
+        store.create(bad),
+        store.move(bad, "tmp", "new"),
+        store.copy(bad, "tmp", "new"),
+        store.remove(bad, "new"),
+        store.claim(bad),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidNameError) as info:
+            await call
+        assert repr(bad) in str(info.value)
+        assert info.value.name == bad
+        assert isinstance(info.value, ValueError)
+        assert isinstance(info.value, AtempstoreError)
+    assert os.listdir(store.path / "new") == []
+
+
+async def test_maildir_info_suffix_is_a_valid_name(store: FileStore) -> None:
+    fh = await store.create("x:2,S")
+    await fh.close()
+    await store.move("x:2,S", "tmp", "new")
+    assert names(await store.list("new")) == ["x:2,S"]
+    assert await store.claim("x:2,S")
+    await store.message("x:2,S").done()
+
+
+async def test_unknown_area(store: FileStore) -> None:
+    for call in (
+        store.list("inbox"),
+        store.move("a", "tmp", "inbox"),
+        store.copy("a", "outbox", "new"),
+        store.remove("a", "../tmp"),
+    ):
+        with pytest.raises(ValueError, match="unknown area"):
+            await call
+
+
+async def test_hidden_entries_are_never_listed(store: FileStore) -> None:
+    for area in ("tmp", "new", "cur"):
+        (store.path / area / ".mine").write_text("x")
+        (store.path / area / "visible").write_text("x")
+        assert names(await store.list(area)) == ["visible"]
+    # and never claimed: consume() and claim() see only visible names
+    assert await store.claim("visible")
+    with pytest.raises(InvalidNameError):
+        await store.claim(".mine")
+
+
+async def test_move_and_copy_never_replace(store: FileStore) -> None:
+    (store.path / "tmp" / "m").write_text("first")
+    (store.path / "new" / "m").write_text("second")
+    with pytest.raises(FileExistsError):
+        await store.move("m", "tmp", "new")
+    with pytest.raises(FileExistsError):
+        await store.copy("m", "tmp", "new")
+    assert (store.path / "tmp" / "m").read_text() == "first"
+    assert (store.path / "new" / "m").read_text() == "second"
+    assert sorted(os.listdir(store.path / "new")) == ["m"]  # no temporary left
+
+
+def test_rename_noreplace_is_atomic_and_refuses(tmp_path: Path) -> None:
+    (tmp_path / "a").write_text("a")
+    (tmp_path / "b").write_text("b")
+    with pytest.raises(FileExistsError):
+        rename_noreplace(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert (tmp_path / "b").read_text() == "b"
+    rename_noreplace(str(tmp_path / "a"), str(tmp_path / "c"))
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(FileNotFoundError):
+        rename_noreplace(str(tmp_path / "a"), str(tmp_path / "d"))
+
+
+async def test_prepare_refuses_a_file_in_place_of_an_area(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    (root / "new").write_text("not a directory")
+    with pytest.raises(NotADirectoryError):
+        await FileStore(root).prepare()
+
+
+# --------------------------------------------------------------------------
+# deliver
+
+
+async def test_deliver_publishes_whole_unique_messages(store: FileStore) -> None:
+    delivered = await asyncio.gather(*(store.deliver(f"m{i}".encode()) for i in range(50)))
+    assert len(set(delivered)) == 50
+    assert os.listdir(store.path / "tmp") == []
+    for i, name in enumerate(delivered):
+        assert (store.path / "new" / name).read_bytes() == f"m{i}".encode()
+        sec, rest = name.split(".", 1)
+        assert sec.isdigit()
+        assert f"P{os.getpid()}Q" in rest
+    await store.deliver(bytearray(b"ba"))
+    await store.deliver(memoryview(b"mv"), durable=False)
+    with pytest.raises(TypeError, match="bytes"):
+        await store.deliver("text")  # type: ignore[arg-type]
+
+
+async def test_deliver_never_overwrites(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "s", unique_name=lambda: "fixed")
+    await store.prepare()
+    assert await store.deliver(b"first") == "fixed"
+    with pytest.raises(FileExistsError):
+        await store.deliver(b"second")
+    assert (store.path / "new" / "fixed").read_bytes() == b"first"
+    assert os.listdir(store.path / "tmp") == []
+
+
+async def test_names_unique_within_one_second(tmp_path: Path) -> None:
+    # Every name gets the same time: the counter and randomness keep them apart.
+    store = FileStore(tmp_path / "s", clock=lambda: 1_700_000_000.25)
+    await store.prepare()
+    got = await asyncio.gather(*(store.deliver(b"", durable=False) for _ in range(2000)))
+    assert len(set(got)) == 2000
+    assert all(n.startswith("1700000000.M250000P") for n in got)
+
+
+MOUNT_HELP = "mount -t tmpfs needs root and a kernel that allows it here"
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"{MOUNT_HELP}: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.mark.faults
+async def test_deliver_enospc_leaves_nothing(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "mnt", "256k") as mnt:
+        store = FileStore(mnt / "store")
+        await store.prepare()
+        kept = await store.deliver(b"small")
+        with pytest.raises(OSError, match="No space left") as info:
+            await store.deliver(b"x" * (1024 * 1024))
+        assert info.value.errno == errno.ENOSPC
+        assert os.listdir(mnt / "store" / "tmp") == []
+        assert os.listdir(mnt / "store" / "new") == [kept]
+
+
+EIO_CHILD = """
+import asyncio, sys
+from atempstore import FileStore
+
+async def main() -> None:
+    try:
+        await FileStore(sys.argv[1]).deliver(b"payload")
+    except OSError as exc:
+        print("error", exc.errno)
+    else:
+        print("delivered")
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("when", [1, 2], ids=["file-fsync", "dir-fsync"])
+def test_deliver_eio_at_fsync_leaves_nothing(tmp_path: Path, when: int) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "store"
+    asyncio.run(FileStore(root).prepare())
+    done = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-o",
+            os.devnull,
+            "-e",
+            "trace=fsync",
+            "-e",
+            f"inject=fsync:error=EIO:when={when}",
+            sys.executable,
+            "-c",
+            EIO_CHILD,
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == f"error {errno.EIO}", done.stderr
+    assert os.listdir(root / "tmp") == []
+    assert os.listdir(root / "new") == []
+
+
+# --------------------------------------------------------------------------
+# claim, Message
+
+
+async def test_claim_and_settle(store: FileStore) -> None:
+    name = await store.deliver(b"job")
+    assert await store.claim(name)
+    assert not await store.claim(name)
+    message = store.message(name)
+    assert isinstance(message, Message)
+    assert message.name == name
+    assert message.path.parent == store.path / "cur"
+    assert message.path.name == f"{name}~{store.owner}"
+    assert names(await store.list("cur")) == [message.path.name]
+    assert await message.read() == b"job"
+    await message.release()
+    await message.release()  # harmless
+    assert names(await store.list("new")) == [name]
+    with pytest.raises(RuntimeError, match="released"):
+        await message.done()
+    with pytest.raises(KeyError):
+        store.message(name)
+
+    assert await store.claim(name)
+    again = store.message(name)
+    await again.done()
+    await again.done()  # harmless
+    assert os.listdir(store.path / "cur") == []
+    assert os.listdir(store.path / "new") == []
+
+
+async def test_message_context_manager(store: FileStore) -> None:
+    a, b = await store.deliver(b"a"), await store.deliver(b"b")
+    assert await store.claim(a)
+    async with store.message(a) as message:
+        assert await message.read() == b"a"
+    assert os.listdir(store.path / "cur") == []  # done()
+
+    assert await store.claim(b)
+    with pytest.raises(KeyError):
+        async with store.message(b):
+            raise KeyError("handler failed")
+    assert names(await store.list("new")) == [b]  # release()d for another try
+
+
+CLAIMER = """
+import asyncio, sys, random
+from atempstore import FileStore
+
+async def main(root: str, names: list[str]) -> None:
+    stores = [FileStore(root) for _ in range(4)]
+    won: list[str] = []
+
+    async def contend(store: FileStore) -> None:
+        order = names[:]
+        random.shuffle(order)
+        for name in order:
+            if await store.claim(name):
+                won.append(name)
+
+    sys.stdin.readline()
+    await asyncio.gather(*(contend(s) for s in stores for _ in range(2)))
+    print(" ".join(won), flush=True)
+    for store in stores:
+        for name in list(store._held):
+            await store.message(name).done()
+        await store.aclose()
+
+asyncio.run(main(sys.argv[1], sys.argv[2:]))
+"""
+
+
+@pytest.mark.multiprocess
+async def test_claim_has_exactly_one_winner(store: FileStore) -> None:
+    """4 processes x 8 tasks, plus 4 threads with their own loops, claim the same 200 names."""
+    delivered = [await store.deliver(b"x", durable=False) for _ in range(200)]
+    procs = [spawn_python(CLAIMER, str(store.path), *delivered) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    won_by_threads: list[str] = []
+    lock = threading.Lock()
+
+    def thread_claimer() -> None:
+        async def go() -> None:
+            mine = FileStore(store.path)
+            order = delivered[:]
+            random.shuffle(order)
+            for name in order:
+                if await mine.claim(name):
+                    with lock:
+                        won_by_threads.append(name)
+                    await mine.message(name).done()
+            await mine.aclose()
+
+        asyncio.run(go())
+
+    threads = [threading.Thread(target=thread_claimer) for _ in range(4)]
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for t in threads:
+        t.start()
+    outputs = [await asyncio.to_thread(proc.communicate, timeout=60) for proc in procs]
+    for t in threads:
+        t.join()
+    winners = won_by_threads + [n for out, _ in outputs for n in out.split()]
+    assert sorted(winners) == sorted(delivered)  # each exactly once
+    assert [p.returncode for p in procs] == [0] * 4, [err for _, err in outputs]
+
+
+async def test_cancelled_claim_never_strands_a_message(store: FileStore) -> None:
+    """A claim cancelled while its thread renames is given back, not held forever."""
+    outcomes: dict[str, int] = {"won": 0, "cancelled": 0}
+    for i in range(150):
+        name = await store.deliver(b"x", durable=False)
+        task = asyncio.create_task(store.claim(name))
+        for _ in range(i % 4):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            won = await task
+        except asyncio.CancelledError:
+            outcomes["cancelled"] += 1
+            assert os.listdir(store.path / "cur") == []
+            assert os.listdir(store.path / "new") == [name]
+            with pytest.raises(KeyError):
+                store.message(name)
+            os.unlink(store.path / "new" / name)
+        else:
+            assert won
+            outcomes["won"] += 1
+            await store.message(name).done()
+    assert outcomes["cancelled"] > 0
+
+
+# --------------------------------------------------------------------------
+# consume
+
+
+async def test_consume_oldest_first(tmp_path: Path) -> None:
+    times = iter([1_000_000_000.5, 999_999_999.0, 1_000_000_000.25])
+    store = FileStore(tmp_path / "s", clock=lambda: next(times))
+    await store.prepare()
+    first = await store.deliver(b"1000000000.5")
+    second = await store.deliver(b"999999999")  # 9 digits: lexically last, oldest in time
+    third = await store.deliver(b"1000000000.25")
+    # A foreign name without a timestamp sorts by its mtime.
+    (store.path / "new" / "foreign").write_bytes(b"foreign")
+    os.utime(store.path / "new" / "foreign", (999_999_999.5, 999_999_999.5))
+    assert names(await store.list("new")) == [second, "foreign", third, first]
+    got = []
+    async with contextlib.aclosing(store.consume()) as messages:
+        async for message in messages:
+            got.append(await message.read())
+            await message.done()
+            if len(got) == 4:
+                break
+    assert got == [b"999999999", b"foreign", b"1000000000.25", b"1000000000.5"]
+    await store.aclose()
+
+
+async def test_consume_wakes_on_delivery_and_release(store: FileStore) -> None:
+    consumer = FileStore(store.path)
+    received: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def run() -> None:
+        async for message in consumer.consume():
+            await received.put(message)
+
+    task = asyncio.create_task(run())
+    await asyncio.sleep(0.1)  # idle, waiting on inotify
+    start = time.monotonic()
+    name = await store.deliver(b"wake")
+    message = await asyncio.wait_for(received.get(), 5)
+    assert time.monotonic() - start < 0.5
+    assert message.name == name
+    await message.release()  # back to new/: the same consumer gets it again
+    again = await asyncio.wait_for(received.get(), 5)
+    assert again.name == name
+    await again.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await consumer.aclose()
+
+
+async def test_consume_without_inotify_polls(store: FileStore) -> None:
+    consumer = FileStore(store.path)
+    consumer._use_inotify = False  # as when the inotify instance limit is reached
+    gen = consumer.consume()
+    waiter = asyncio.create_task(anext(gen))
+    await asyncio.sleep(0.2)
+    assert not waiter.done()
+    start = time.monotonic()
+    await store.deliver(b"polled")
+    message = await asyncio.wait_for(waiter, 5)
+    assert time.monotonic() - start < 0.5
+    assert await message.read() == b"polled"
+    await message.done()
+    await gen.aclose()
+    await consumer.aclose()
+
+
+async def test_consume_competes_fairly(store: FileStore) -> None:
+    """Three consumers in one process drain 300 messages: each handled exactly once."""
+    for i in range(300):
+        await store.deliver(str(i).encode(), durable=False)
+    seen: list[bytes] = []
+
+    async def worker() -> None:
+        consumer = FileStore(store.path)
+        async with contextlib.aclosing(consumer.consume()) as messages:
+            async for message in messages:
+                seen.append(await message.read())
+                await message.done()
+                if len(seen) >= 300:
+                    break
+        await consumer.aclose()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(3)]
+    while len(seen) < 300:
+        await asyncio.sleep(0.01)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert sorted(seen, key=int) == [str(i).encode() for i in range(300)]
+    assert os.listdir(store.path / "new") == []
+
+
+async def test_cancelled_consume_never_strands_a_message(store: FileStore) -> None:
+    consumer = FileStore(store.path)
+    stranded = 0
+    for i in range(120):
+        name = await store.deliver(b"x", durable=False)
+        gen = consumer.consume(recover_interval=None)
+        task = asyncio.create_task(anext(gen))
+        # Three hops (watch, recover, claim): land the cancel anywhere in them.
+        for _ in range(i % 40):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            message = await task
+        except asyncio.CancelledError:
+            in_cur = os.listdir(store.path / "cur")
+            stranded += len(in_cur)
+            assert os.listdir(store.path / "new") == [name]
+            os.unlink(store.path / "new" / name)
+        else:
+            await message.done()
+        await gen.aclose()
+    assert stranded == 0
+    await consumer.aclose()
+
+
+# --------------------------------------------------------------------------
+# recovery, aclose
+
+
+HOLDER = """
+import asyncio, os, sys
+from atempstore import FileStore
+
+async def main(root: str, count: int) -> None:
+    store = FileStore(root)
+    got = []
+    async for message in store.consume():
+        got.append(message.name)
+        if len(got) == count:
+            break
+    print(" ".join(got), flush=True)
+    sys.stdin.readline()  # hold the claims until killed
+    os._exit(0)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.multiprocess
+async def test_recover_gives_back_claims_of_a_killed_consumer(store: FileStore) -> None:
+    delivered = sorted([await store.deliver(f"{i}".encode()) for i in range(3)])
+    child = spawn_python(HOLDER, str(store.path), "3")
+    try:
+        assert child.stdout is not None
+        line = await asyncio.to_thread(child.stdout.readline)
+        assert sorted(line.split()) == delivered, child.stderr
+        status = await store.status()
+        assert status.live_claims == 3
+        assert status.dead_claims == []
+        assert await store.recover() == []  # alive: its lock is held
+        assert len(os.listdir(store.path / "cur")) == 3
+        child.kill()  # SIGKILL: no cleanup code runs
+        await asyncio.to_thread(child.wait)
+    finally:
+        child.kill()
+        child.communicate()
+    status = await store.status()
+    assert status.dead_claims == delivered
+    assert status.live_claims == 0
+    results = await asyncio.gather(*(FileStore(store.path).recover() for _ in range(5)))
+    assert sorted(itertools.chain.from_iterable(results)) == delivered  # each exactly once
+    assert names(await store.list("new")) == delivered
+    assert os.listdir(store.path / "cur") == []
+    assert os.listdir(store.path / ".consumers") == []  # the dead lock file is gone
+
+
+async def test_recover_spares_live_consumers_of_this_process(store: FileStore) -> None:
+    name = await store.deliver(b"held")
+    holder = FileStore(store.path)
+    assert await holder.claim(name)
+    assert await FileStore(store.path).recover() == []
+    # Dropped without aclose(): closing its lock fd (as a file object would)
+    # is what tells the others it is gone.
+    del holder
+    gc.collect()
+    assert await FileStore(store.path).recover() == [name]
+
+
+async def test_claims_without_a_lock_file_are_left_alone(store: FileStore) -> None:
+    (store.path / "cur" / "job~0123456789abcdef").write_text("x")
+    status = await store.status()
+    assert status.unknown_claims == ["job~0123456789abcdef"]
+    assert await store.recover() == []
+    assert os.listdir(store.path / "cur") == ["job~0123456789abcdef"]
+
+
+async def test_aclose_gives_back_and_unlocks(store: FileStore) -> None:
+    consumer = FileStore(store.path)
+    a, b = await store.deliver(b"a"), await store.deliver(b"b")
+    assert await consumer.claim(a)
+    assert await consumer.claim(b)
+    first_owner = consumer.owner
+    await consumer.message(a).done()
+    held = consumer.message(b)
+    await consumer.aclose()
+    await consumer.aclose()  # harmless
+    assert names(await store.list("new")) == [b]
+    assert os.listdir(store.path / ".consumers") == []
+    with pytest.raises(RuntimeError, match="aclose"):
+        await held.done()
+    # Usable again, under a new owner id.
+    assert await consumer.claim(b)
+    assert consumer.owner not in (None, first_owner)
+    await consumer.message(b).done()
+    await consumer.aclose()
+
+
+async def test_context_manager_prepares_and_closes(tmp_path: Path) -> None:
+    async with FileStore(tmp_path / "s") as store:
+        name = await store.deliver(b"x")
+        assert await store.claim(name)
+    assert names(await FileStore(tmp_path / "s").list("new")) == [name]
+
+
+async def test_clean_tmp(store: FileStore) -> None:
+    old, young = store.path / "tmp" / "old", store.path / "tmp" / "young"
+    leftover = store.path / "new" / ".copy.abc.tmp"
+    for path in (old, young, leftover):
+        path.write_text("x")
+    message = store.path / "new" / "message"
+    message.write_text("x")
+    past = time.time() - 40 * 3600
+    for path in (old, leftover, message):
+        os.utime(path, (past, past))
+    removed = await store.clean_tmp()
+    assert sorted(removed) == sorted([old, leftover])
+    assert young.exists()
+    assert message.exists()  # messages are never "abandoned"
+    assert await store.clean_tmp(older_than=0) == [young]
+
+
+async def test_status(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = FileStore(tmp_path / "s", clock=lambda: now[0])
+    await store.prepare()
+    assert (await store.status()).oldest_age is None
+    await store.deliver(b"a")
+    now[0] += 90
+    await store.deliver(b"b")
+    (store.path / "tmp" / "partial").write_text("x")
+    status = await store.status()
+    assert status.counts == {"tmp": 1, "new": 2, "cur": 0}
+    assert status.oldest_age == pytest.approx(90)
+
+
+async def test_no_blocking_io_on_the_loop(tmp_path: Path, no_blocking_io: list[str]) -> None:
+    """Every public coroutine, with the guard on."""
+    store = FileStore(tmp_path / "s")
+    async with store:
+        await store.prepare()
+        fh = await store.create("f")
+        await fh.write("x")
+        await fh.close()
+        await store.list("tmp")
+        await store.move("f", "tmp", "new")
+        await store.copy("f", "new", "tmp")
+        await store.remove("f", "tmp")
+        await store.remove("f", "new")
+        name = await store.deliver(b"m")
+        assert await store.claim(name)
+        message = store.message(name)
+        await message.read()
+        await message.release()
+        async with contextlib.aclosing(store.consume()) as messages:
+            async for message in messages:
+                async with message:
+                    await message.read()
+                break
+        other = await store.deliver(b"n")
+        assert await store.claim(other)
+        await store.message(other).done()
+        await store.recover()
+        await store.status()
+        await store.clean_tmp()
+    assert no_blocking_io == []
+
+
+# --------------------------------------------------------------------------
+# The command line and the example
+
+
+DIES_HOLDING = """
+import asyncio, os, sys
+from atempstore import FileStore
+
+async def main(root: str) -> None:
+    store = FileStore(root)
+    for name in sorted(os.listdir(os.path.join(root, "new")))[:2]:
+        assert await store.claim(name)
+    os._exit(0)  # dies without giving them back
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.multiprocess
+def test_cli_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "store"
+
+    async def fill() -> None:
+        store = FileStore(root)
+        await store.prepare()
+        for i in range(5):
+            await store.deliver(f"{i}".encode())
+
+    asyncio.run(fill())
+    done = run_python(DIES_HOLDING, str(root))
+    assert done.returncode == 0, done.stderr
+
+    assert cli_main(["queue", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"new:\s+3\s+oldest waiting 0\.\d s", out), out
+    assert "0 by live consumers, 2 by dead consumers" in out
+    assert "--recover" in out
+
+    assert cli_main(["queue", str(root), "--recover"]) == 0
+    out = capsys.readouterr().out
+    assert "gave 2 message(s) back to new/" in out
+    assert re.search(r"new:\s+5\s", out), out
+    assert "0 by dead consumers" in out
+
+    assert cli_main(["queue", str(tmp_path / "nowhere")]) == 1
+    assert "is not a FileStore" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()  # never creates a store
+
+
+@pytest.mark.multiprocess
+def test_worker_pool_example_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "worker_pool.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 lost" in done.stdout
