@@ -1,0 +1,920 @@
+"""One file copied from a slow source into the cache while any number of readers read it.
+
+This is the lower half of the copy cache (the upper half, `FileCache`, lives in
+``_cache.py``).  A `CopySession` is what every reader of one version of one
+source shares inside a process.  It is in one of four modes:
+
+``"copy"``
+    This process copies.  A worker thread copies the source into a *part* file
+    in large chunks (``copy_file_range`` for a local path, ``pread`` + ``pwrite``
+    for a `Source` object).  After each chunk it checks that the source still
+    has the version it started with, and only then *publishes* the progress:
+    to the readers of this process (``call_soon_threadsafe``) and to other
+    processes (a counter in the entry's lock file).  Bytes are never shown
+    before they were checked, so a reader can never get a mix of two versions.
+``"follow"``
+    Another process copies; this process reads the part file it is writing,
+    up to the checked progress that copier publishes.  Progress wakes it
+    through inotify (with a slow safety poll); the copier's end wakes it
+    through the part file's own lock (see "the part file's lock" below).
+``"cache"``
+    The whole file is in the cache; reads are ``pread`` on the cached file.
+``"source"``
+    Uncached: the cache has no room, its disk failed, or the copy stopped.
+    Reads go to the source directly, each one checked against the version.
+
+In every mode a read of bytes that are not there yet waits for them if they
+are at most ``wait_window`` bytes ahead of the copy, and is otherwise served
+from the source at once (an HTTP Range request near the end of a large file
+does not wait for the whole copy).
+
+The part file's lock: the copier holds ``LOCK_EX`` on the part file while it
+copies and converts it to ``LOCK_SH`` once the data is complete and fsynced,
+just before it renames the file into place.  A follower waits for ``LOCK_SH``
+on the same file in a daemon thread, so it wakes the moment the copier is done,
+fails, or dies (the kernel drops a dead process's locks).  Every process that
+reads a cached file holds ``LOCK_SH`` on it, which is how eviction, in any
+process, knows that the file is in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import heapq
+import itertools
+import os
+import stat
+import struct
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import anyio
+from anyio import CapacityLimiter
+
+from ._durable import fsync_dir
+from ._errors import SourceChangedError
+from ._locks import _wait_for_lock
+from ._threads import run_sync
+
+__all__ = ("CopySession", "Source")
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+#: The first chunk a copy takes: small, so the first reader's first bytes come quickly;
+#: later chunks double up to the configured size, so a long copy runs in large chunks.
+FIRST_CHUNK = 64 * KiB
+#: Chunks of an in-kernel copy (no memory of ours is involved, so they may be large).
+KERNEL_CHUNK = 8 * MiB
+
+
+@runtime_checkable
+class Source(Protocol):
+    """Where the cache copies a file from: a slow mount, an object store, a test double.
+
+    ``key`` is the file's identity in the cache (two sources with the same key
+    share one cached copy).  ``size`` and ``mtime`` are read again every time
+    the cache checks freshness (before it serves a cached copy and after every
+    chunk it copies), so they may be properties that ask the backend.
+    ``pread(offset, n)`` returns up to ``n`` bytes at ``offset``; it blocks (the
+    cache calls it in worker threads, possibly several at once, so it must be
+    thread-safe) and returns fewer bytes only at the end of the file.  A
+    ``FileNotFoundError`` from any of them means the file vanished.
+
+    A plain path (`str` or `os.PathLike`) is also accepted wherever a `Source`
+    is; its key is its real path.
+
+    Example:
+        ```python
+        class SlowFile:
+            def __init__(self, path: str) -> None:
+                self.key = path
+                self.path = path
+
+            @property
+            def size(self) -> int:
+                return os.stat(self.path).st_size
+
+            @property
+            def mtime(self) -> float:
+                return os.stat(self.path).st_mtime
+
+            def pread(self, offset: int, n: int) -> bytes:
+                time.sleep(n / 20e6)  # a 20 MB/s link
+                with open(self.path, "rb") as f:
+                    return os.pread(f.fileno(), n, offset)
+
+        async with cache.open(SlowFile("/mnt/nfs/video.mp4")) as f:
+            first = await f.read(0, 4096)
+        ```
+    """
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def mtime(self) -> float: ...
+
+    def pread(self, offset: int, n: int) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Version:
+    """What makes two states of a source the same file: its size and mtime."""
+
+    size: int
+    mtime_ns: int
+
+
+def entry_name(key: str) -> str:
+    """The cached file's name for ``key``: keys may hold any character, names may not."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def mtime_to_ns(mtime: float) -> int:
+    # Deterministic for a given float, which is all freshness needs: the cached
+    # file gets exactly this many nanoseconds and is compared with it later.
+    return round(mtime * 1_000_000_000)
+
+
+# --------------------------------------------------------------------------
+# An fd that several threads use and one of them closes
+
+
+class FdClosed(Exception):
+    """The shared fd was closed (the session switched mode); look again."""
+
+
+class SharedFd:
+    """An fd used by reader threads and closed by whoever retires it.
+
+    ``close`` only marks it; the descriptor is closed when the last read in
+    flight gives it back, so a read can never land on a recycled fd number.
+    """
+
+    __slots__ = ("_closing", "_fd", "_mutex", "_uses")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._uses = 0
+        self._closing = False
+        self._mutex = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[int]:
+        with self._mutex:
+            if self._closing:
+                raise FdClosed
+            self._uses += 1
+        try:
+            yield self._fd
+        finally:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        with self._mutex:
+            self._uses -= 1
+            last = self._closing and self._uses == 0
+        if last:
+            os.close(self._fd)
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._uses == 0
+        if idle:
+            os.close(self._fd)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+
+def pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (fewer only at end of file); pread may return less."""
+    data = os.pread(fd, n, offset)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+# --------------------------------------------------------------------------
+# The record in an entry's lock file: what is being copied, and how far
+#
+# 64 bytes at offset 0.  The progress counter is stored twice (the second
+# copy XOR a mask) and the rest carries a CRC: a follower reads it without a
+# lock while the copier rewrites it, and must recognize a torn read.
+
+_RECORD = struct.Struct("<QQ8sQqQQI4x")
+_PROGRESS = struct.Struct("<QQ")
+_MASK = 0x5A5A_5A5A_5A5A_5A5A
+_MAGIC = b"ATSCOPY1"
+RECORD_SIZE = _RECORD.size
+
+
+@dataclass(frozen=True)
+class Record:
+    progress: int
+    size: int
+    mtime_ns: int
+    part_ino: int
+    reserved: int
+
+
+def write_record(fd: int, rec: Record) -> None:
+    body = struct.pack("<8sQqQQ", _MAGIC, rec.size, rec.mtime_ns, rec.part_ino, rec.reserved)
+    raw = _PROGRESS.pack(rec.progress, rec.progress ^ _MASK) + body
+    os.pwrite(fd, raw + struct.pack("<I4x", zlib.crc32(body)), 0)
+
+
+def clear_record(fd: int) -> None:
+    os.pwrite(fd, bytes(RECORD_SIZE), 0)
+
+
+def write_progress(fd: int, progress: int) -> None:
+    os.pwrite(fd, _PROGRESS.pack(progress, progress ^ _MASK), 0)
+
+
+def read_record(fd: int) -> Record | None:
+    """The active record, or None (none, cleared, or unreadable)."""
+    for _ in range(8):
+        raw = os.pread(fd, RECORD_SIZE, 0)
+        if len(raw) < RECORD_SIZE:
+            return None
+        progress, check, magic, size, mtime_ns, ino, reserved, crc = _RECORD.unpack(raw)
+        if magic != _MAGIC:
+            return None
+        if crc != zlib.crc32(raw[16:56]) or progress ^ _MASK != check:
+            continue  # read while being rewritten: read again
+        return Record(progress, size, mtime_ns, ino, reserved)
+    return None
+
+
+def read_progress(fd: int) -> int | None:
+    for _ in range(8):
+        raw = os.pread(fd, _PROGRESS.size, 0)
+        if len(raw) < _PROGRESS.size:
+            return None
+        progress, check = _PROGRESS.unpack(raw)
+        if progress ^ _MASK == check:
+            return int(progress)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Origins: a path or a Source object, seen the same way by the copy
+
+
+def _changed(what: str, key: str) -> SourceChangedError:
+    return SourceChangedError(
+        f"the source {key!r} {what} while it was being read; nothing of it was"
+        " published to the cache. Open it again to read the current version.",
+        path=key,
+    )
+
+
+class CacheFailed(Exception):
+    """Writing the cache failed (ENOSPC, EIO...): serve the file uncached."""
+
+
+class Origin:
+    """A source, resolved: its key, its version, and checked reads."""
+
+    key: str
+    version: Version
+    mtime: float
+
+    def resolve(self) -> None:
+        """Find the source and read its key and version (in a worker thread)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raise `SourceChangedError` unless the source still has ``version``."""
+        raise NotImplementedError
+
+    def check_final(self) -> None:
+        """The check made just before publishing (may look harder)."""
+        self.check()
+
+    def pread(self, offset: int, n: int) -> bytes:
+        raise NotImplementedError
+
+    def read_checked(self, offset: int, n: int) -> bytes:
+        """``n`` bytes at ``offset``, checked to belong to ``version``."""
+        data = self.pread(offset, n)
+        if len(data) < n:
+            self.check()
+            raise _changed("got shorter", self.key)
+        self.check()
+        return data
+
+    def copy_into(self, dst: int, offset: int, n: int) -> int:
+        """Copy up to ``n`` bytes at ``offset`` into ``dst`` (same offset).
+
+        Returns the count copied (0: the source ended early).  Raises
+        `CacheFailed` when writing ``dst`` failed.
+        """
+        data = self.pread(offset, n)
+        try:
+            pwrite_all(dst, data, offset)
+        except OSError as exc:
+            raise CacheFailed(str(exc)) from exc
+        return len(data)
+
+    def close(self) -> None:
+        """Release what the origin holds (idempotent, fd calls only)."""
+
+
+class PathOrigin(Origin):
+    """A local file: read through one fd, copied in the kernel."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.fd: SharedFd | None = None
+        self._ident = (0, 0)
+        self._method = "range" if hasattr(os, "copy_file_range") else "send"
+
+    def resolve(self) -> None:  # in a worker thread
+        real = os.path.realpath(self.path)
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = SharedFd(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise IsADirectoryError(
+                errno.EISDIR, "only regular files can be cached; pass a file", real
+            )
+        self.key = real
+        self._ident = (st.st_dev, st.st_ino)
+        self.version = Version(st.st_size, st.st_mtime_ns)
+        self.mtime = st.st_mtime_ns / 1e9
+
+    def _fstat_matches(self, fd: int) -> bool:
+        st = os.fstat(fd)
+        return Version(st.st_size, st.st_mtime_ns) == self.version
+
+    def check(self) -> None:
+        assert self.fd is not None
+        with self.fd.use() as fd:
+            if not self._fstat_matches(fd):
+                raise _changed("changed", self.key)
+
+    def check_final(self) -> None:
+        self.check()
+        # Our fd still reads the version we copied even if the path now names
+        # another file (deleted, or replaced by rename): publish only if the
+        # path still leads to it.
+        try:
+            st = os.stat(self.key)
+        except FileNotFoundError:
+            raise _changed("vanished", self.key) from None
+        if (st.st_dev, st.st_ino) != self._ident:
+            raise _changed("was replaced", self.key)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        assert self.fd is not None
+        with self.fd.use() as fd:
+            return pread_exact(fd, n, offset)
+
+    def copy_into(self, dst: int, offset: int, n: int) -> int:
+        assert self.fd is not None
+        with self.fd.use() as src:
+            try:
+                return self._kernel_copy(src, dst, offset, n)
+            except OSError as exc:
+                # Which side failed?  If the source is intact, it was the cache.
+                if not self._fstat_matches(src):
+                    raise _changed("changed", self.key) from exc
+                raise CacheFailed(str(exc)) from exc
+
+    def _kernel_copy(self, src: int, dst: int, offset: int, n: int) -> int:
+        while True:
+            if self._method == "range":
+                try:
+                    return os.copy_file_range(src, dst, n, offset, offset)
+                except OSError as exc:
+                    # Old kernels, or file systems that refuse it: use sendfile.
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._method = "send"
+            elif self._method == "send":
+                try:
+                    os.lseek(dst, offset, os.SEEK_SET)
+                    return os.sendfile(dst, src, offset, n)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    self._method = "copy"
+            else:
+                data = pread_exact(src, n, offset)
+                pwrite_all(dst, data, offset)
+                return len(data)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            self.fd.close()
+
+
+class ObjectOrigin(Origin):
+    """A `Source` object; ``FileNotFoundError`` from it means it vanished."""
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+
+    def resolve(self) -> None:  # in a worker thread
+        self.key = str(self.source.key)
+        size, mtime = self._attributes()
+        self.mtime = mtime
+        self.version = Version(size, mtime_to_ns(mtime))
+
+    def _attributes(self) -> tuple[int, float]:
+        try:
+            return int(self.source.size), float(self.source.mtime)
+        except FileNotFoundError:
+            raise _changed("vanished", self.key) from None
+
+    def check(self) -> None:
+        size, mtime = self._attributes()
+        if Version(size, mtime_to_ns(mtime)) != self.version:
+            raise _changed("changed", self.key)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        try:
+            return bytes(self.source.pread(offset, n))
+        except FileNotFoundError:
+            raise _changed("vanished", self.key) from None
+
+
+# --------------------------------------------------------------------------
+# The copy, in one worker thread
+
+
+class Ledger(Protocol):
+    """What the copy needs from the cache directory's space ledger (``_cache``)."""
+
+    def publish(self, name: str, lock_fd: int) -> None: ...
+
+    def cancel(self, name: str, lock_fd: int, reserved: int) -> None: ...
+
+
+class Stats(Protocol):
+    """Counters the cache keeps (thread-safe)."""
+
+    def count(self, what: str, n: int = 1) -> None: ...
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Copier:
+    """Copies one source into its part file; everything here runs in one thread.
+
+    Owns the part file's fd (``LOCK_EX`` held) and the entry lock's fd (held)
+    from the moment the probe hands them over; `run` gives both back whatever
+    happens.  The loop learns about progress through ``post``.
+    """
+
+    def __init__(
+        self,
+        *,
+        origin: Origin,
+        name: str,
+        root: str,
+        part: SharedFd,
+        part_fd: int,
+        lock_fd: int,
+        reserved: int,
+        ledger: Ledger,
+        stats: Stats,
+        chunk_size: int,
+        clock_ns: Callable[[], int],
+        post: Callable[..., None],
+    ) -> None:
+        self.origin = origin
+        self.name = name
+        self.root = root
+        self.part = part
+        self.part_fd = part_fd
+        self.lock_fd = lock_fd
+        self.reserved = reserved
+        self.ledger = ledger
+        self.stats = stats
+        self.chunk_size = chunk_size
+        self.clock_ns = clock_ns
+        self.post = post
+        self.cancel = threading.Event()
+        self.started = False
+        self._done = False
+        self._mutex = threading.Lock()
+
+    def run(self, on_start: Callable[[], None], on_progress: Callable[[int], None]) -> str:
+        """Copy, then publish.  Returns "published", "uncached" or "cancelled";
+        raises `SourceChangedError` (or the source's own error)."""
+        with self._mutex:
+            if self._done:
+                return "cancelled"
+            self.started = True
+        try:
+            if self.cancel.is_set():
+                raise _Cancelled
+            self.post(on_start)
+            self._copy_all(on_progress)
+            self._publish()
+        except _Cancelled:
+            self._abandon()
+            return "cancelled"
+        except CacheFailed:
+            self._abandon()
+            return "uncached"
+        except BaseException:
+            self._abandon()
+            raise
+        return "published"
+
+    def discard_unstarted(self) -> bool:
+        """Give everything back if `run` never started (its task went away first)."""
+        with self._mutex:
+            if self.started or self._done:
+                return False
+            self._done = True
+        self._abandon()
+        return True
+
+    def _copy_all(self, on_progress: Callable[[int], None]) -> None:
+        size = self.origin.version.size
+        kernel = isinstance(self.origin, PathOrigin)
+        largest = max(self.chunk_size, KERNEL_CHUNK) if kernel else self.chunk_size
+        chunk = min(FIRST_CHUNK, largest)
+        offset = 0
+        while offset < size:
+            if self.cancel.is_set():
+                raise _Cancelled
+            copied = self.origin.copy_into(self.part_fd, offset, min(chunk, size - offset))
+            if copied <= 0:
+                self.origin.check()
+                raise _changed("got shorter", self.origin.key)
+            # Checked *after* the bytes were copied and *before* anyone may
+            # read them: a change during the copy can never leak mixed data.
+            self.origin.check()
+            offset += copied
+            try:
+                write_progress(self.lock_fd, offset)
+            except OSError as exc:
+                raise CacheFailed(str(exc)) from exc
+            self.stats.count("copied_bytes", copied)
+            self.post(on_progress, offset)
+            chunk = min(chunk * 2, largest)
+
+    def _publish(self) -> None:
+        version = self.origin.version
+        try:
+            # The mtime first, then fsync: the rename below must never expose
+            # a file whose data or mtime a crash could still lose.
+            os.utime(self.part_fd, ns=(self.clock_ns(), version.mtime_ns))
+            os.fsync(self.part_fd)
+        except OSError as exc:
+            raise CacheFailed(str(exc)) from exc
+        self.origin.check_final()
+        try:
+            write_progress(self.lock_fd, version.size)
+            # Followers wake on this: the data is complete and durable.
+            fcntl.flock(self.part_fd, fcntl.LOCK_SH)
+            self.ledger.publish(self.name, self.lock_fd)
+        except OSError as exc:
+            raise CacheFailed(str(exc)) from exc
+        with self._mutex:
+            self._done = True
+        with contextlib.suppress(OSError):
+            # The file is whole under its name already; a failed directory
+            # fsync only means the name might not survive a power cut.
+            fsync_dir(self.root)
+        self._release_entry_lock()
+
+    def _abandon(self) -> None:
+        with self._mutex:
+            self._done = True
+        try:
+            self.ledger.cancel(self.name, self.lock_fd, self.reserved)
+        except OSError:
+            pass  # the ledger heals at its next recount; the entry lock still goes
+        finally:
+            self.part.close()
+            self._release_entry_lock()
+
+    def _release_entry_lock(self) -> None:
+        fd, self.lock_fd = self.lock_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# The session the readers of one process share
+
+
+class CopySession:
+    """Everything the readers of one version of one source share in this process."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        origin: Origin,
+        mode: str,
+        data: SharedFd | None,
+        wait_window: int,
+        stats: Stats,
+        on_closed: Callable[[CopySession], None],
+    ) -> None:
+        self.name = name
+        self.origin = origin
+        self.mode = mode
+        self.data = data
+        self.wait_window = wait_window
+        self.stats = stats
+        self.refs = 0
+        self.error: BaseException | None = None
+        self.avail = origin.version.size if mode == "cache" else 0
+        self.running = mode == "follow"
+        self.done = mode in ("cache", "source")
+        self.task: asyncio.Task[None] | None = None
+        self.copier: Copier | None = None
+        self.lock_fd: int | None = None
+        self.cleanup: list[Callable[[], None]] = []
+        self._on_closed = on_closed
+        self._closed = False
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+        self._abandoned_waits = 0
+        self._ping = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"<CopySession {self.origin.key!r} {self.mode} {self.avail}/{self.size}"
+            f" refs={self.refs}>"
+        )
+
+    @property
+    def size(self) -> int:
+        return self.origin.version.size
+
+    @property
+    def version(self) -> Version:
+        return self.origin.version
+
+    @property
+    def shareable(self) -> bool:
+        return not self._closed and self.error is None
+
+    # -- progress, on the loop ------------------------------------------------
+
+    def _started(self) -> None:
+        self.running = True
+
+    def _advance(self, avail: int) -> None:
+        if avail <= self.avail:
+            return
+        self.avail = avail
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= avail:
+            future = heapq.heappop(waiters)[2]
+            if not future.done():
+                future.set_result(None)
+
+    def _settle(self, mode: str | None = None, error: BaseException | None = None) -> None:
+        """No more progress will come: wake every waiter to look again."""
+        if mode is not None:
+            self.mode = mode
+        if error is not None and self.error is None:
+            self.error = error
+        self.done = True
+        self.running = False
+        waiters, self._waiters = self._waiters, []
+        for _, _, future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    async def _wait_for(self, end: int) -> None:
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (end, next(self._seq), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            # A cancelled wait stays in the heap until progress passes it;
+            # many of them (a client that keeps hanging up) are swept out.
+            self._abandoned_waits += 1
+            if self._abandoned_waits > 256 and self._abandoned_waits * 2 > len(self._waiters):
+                self._waiters = [w for w in self._waiters if not w[2].done()]
+                heapq.heapify(self._waiters)
+                self._abandoned_waits = 0
+            raise
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError(f"read(offset={offset}, n={n}): both must be >= 0")
+        end = min(offset + n, self.size)
+        if offset >= end:
+            return b""
+        while True:
+            if self.error is not None:
+                raise self._error_for_reader()
+            data = self.data
+            if end <= self.avail and data is not None and not data.closed:
+                try:
+                    got = await run_sync(_read_cached, data, offset, end - offset, self.origin.key)
+                except FdClosed:
+                    continue  # the cache failed under us: look again
+                return got
+            if (
+                self.done
+                or self.mode == "source"
+                or not self.running
+                or offset > self.avail + self.wait_window
+            ):
+                got = await run_sync(self.origin.read_checked, offset, end - offset)
+                self.stats.count("source_bytes", len(got))
+                return got
+            await self._wait_for(end)
+
+    def _error_for_reader(self) -> BaseException:
+        error = self.error
+        assert error is not None
+        # A fresh exception per reader: one object raised in many tasks would
+        # pile up their tracebacks.
+        if isinstance(error, SourceChangedError):
+            fresh: BaseException = SourceChangedError(str(error), path=error.path)
+        else:
+            fresh = SourceChangedError(
+                f"the copy of {self.origin.key!r} failed: {error}; open it again", path=None
+            )
+        fresh.__cause__ = error
+        return fresh
+
+    async def wait_settled(self) -> None:
+        while not self.done:
+            await self._wait_for(self.size + 1)
+
+    # -- copying (this process) --------------------------------------------------
+
+    def start_copy(self, copier: Copier, limiter: CapacityLimiter) -> None:
+        self.copier = copier
+        # With a free copy slot the thread starts at once: let readers wait for
+        # it rather than fetch from the source what the copy brings a moment later.
+        self.running = limiter.available_tokens > 0
+        self.task = asyncio.get_running_loop().create_task(self._copy(copier, limiter))
+
+    async def _copy(self, copier: Copier, limiter: CapacityLimiter) -> None:
+        try:
+            outcome = await run_sync(copier.run, self._started, self._advance, limiter=limiter)
+        except asyncio.CancelledError:
+            # Only the loop shutting down cancels a copy.  If it was still
+            # queued for a copy slot, its thread never ran: give back its files.
+            with contextlib.suppress(BaseException):
+                await run_sync(copier.discard_unstarted)
+            self._settle("source")
+            raise
+        except BaseException as exc:  # the source changed or failed
+            self._settle(error=exc)
+            self.stats.count("failed")
+        else:
+            if outcome == "published":
+                self.stats.count("published")
+                self._advance(self.size)
+                self._settle("cache")
+            else:
+                self.stats.count("uncached")
+                self.data = None  # the copier closed it
+                self._settle("source")
+        finally:
+            self.copier = None
+            if self.refs == 0:
+                self.close()
+
+    def cancel_copy(self) -> None:
+        if self.copier is not None:
+            self.copier.cancel.set()
+
+    # -- following a copy made by another process ------------------------------
+
+    def start_follow(self, lock_fd: int, part_fd: int, poll: float) -> None:
+        self.lock_fd = lock_fd
+        self.task = asyncio.get_running_loop().create_task(self._follow(lock_fd, part_fd, poll))
+
+    def poke(self) -> None:
+        """Called when the copier wrote its progress (an inotify event)."""
+        self._ping.set()
+
+    async def _follow(self, lock_fd: int, part_fd: int, poll: float) -> None:
+        end: asyncio.Future[OSError | None] = asyncio.ensure_future(
+            _wait_for_lock(part_fd, fcntl.LOCK_SH)
+        )
+        end.add_done_callback(lambda _: self._ping.set())
+        try:
+            while True:
+                # A 16-byte pread of a page-cached file: an fd call, no path.
+                progress = read_progress(lock_fd)
+                if progress is not None:
+                    self._advance(min(progress, self.size))
+                if self.avail >= self.size:
+                    break
+                if end.done():
+                    progress = read_progress(lock_fd)
+                    if progress is not None:
+                        self._advance(min(progress, self.size))
+                    break
+                self._ping.clear()
+                with anyio.move_on_after(poll):
+                    await self._ping.wait()
+            if self.avail >= self.size:
+                if not end.done():
+                    await end  # the copier downgrades right after its last progress
+                self.stats.count("followed")
+                self._settle("cache")
+            else:
+                # The copier failed or died.  What it published was checked;
+                # the rest comes from the source.
+                self.stats.count("uncached")
+                self._settle("source")
+        except BaseException:
+            end.cancel()
+            self._settle("source")
+            raise
+        finally:
+            if self.refs == 0:
+                self.close()
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def acquire(self) -> None:
+        self.refs += 1
+
+    def release(self, finish_abandoned: bool) -> None:
+        self.refs -= 1
+        if self.refs > 0:
+            return
+        if self.task is not None and not self.task.done():
+            if self.copier is not None and not finish_abandoned:
+                self.copier.cancel.set()
+            elif self.copier is None:
+                self.task.cancel()  # nobody reads what a follower follows
+            return  # the task closes the session when it ends
+        self.close()
+
+    def close(self) -> None:
+        """Give back fds and locks; fd calls only (it may run on the loop)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._settle()
+        if self.data is not None:
+            self.data.close()
+        self.origin.close()
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+        for undo in self.cleanup:
+            undo()
+        self._on_closed(self)
+
+
+def _read_cached(data: SharedFd, offset: int, n: int, key: str) -> bytes:
+    with data.use() as fd:
+        got = pread_exact(fd, n, offset)
+    if len(got) < n:
+        raise SourceChangedError(
+            f"the cached copy of {key!r} is shorter than it should be (was it truncated"
+            " by hand?); open it again",
+            path=key,
+        )
+    return got

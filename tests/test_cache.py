@@ -1,0 +1,606 @@
+"""FileCache and CopySession: one copy, many readers, exact bytes, bounded space.
+
+Real files in tmp_path, a throttled `Source` for a slow network mount, a real
+small tmpfs for ENOSPC.  Cross-process tests are in ``test_cache_procs.py``;
+here two `FileCache` objects on one directory stand in for two processes
+(their locks are separate open files, exactly as between processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from atempstore import CachedFile, FileCache, Source, SourceChangedError
+
+MiB = 1 << 20
+
+
+class MemorySource:
+    """A `Source` over bytes in memory, throttled like a slow link, logging every pread."""
+
+    def __init__(self, data: bytes, *, rate: float = 0.0, key: str = "mem:file") -> None:
+        self.data = data
+        self.key = key
+        self.rate = rate
+        self.mtime = 1_700_000_000.25
+        self.log: list[tuple[int, int]] = []
+        self._mutex = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        if self.rate:
+            time.sleep(n / self.rate)
+        chunk = self.data[offset : offset + n]
+        with self._mutex:
+            self.log.append((offset, len(chunk)))
+        return chunk
+
+    @property
+    def bytes_read(self) -> int:
+        with self._mutex:
+            return sum(n for _, n in self.log)
+
+
+class FileSource:
+    """A `Source` over a real file, throttled, whose size/mtime are read afresh."""
+
+    def __init__(self, path: Path, *, rate: float) -> None:
+        self.path = path
+        self.key = f"slow:{path}"
+        self.rate = rate
+
+    @property
+    def size(self) -> int:
+        return os.stat(self.path).st_size
+
+    @property
+    def mtime(self) -> float:
+        return os.stat(self.path).st_mtime
+
+    def pread(self, offset: int, n: int) -> bytes:
+        time.sleep(n / self.rate)
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), n, offset)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def visible(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def parts(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith((".part", ".tmp")))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def read_all(f: CachedFile, start: int = 0, end: int | None = None) -> bytes:
+    return b"".join([chunk async for chunk in f.iter_bytes(start, end)])
+
+
+@pytest.fixture
+def payload() -> bytes:
+    return os.urandom(3 * MiB + 12345)
+
+
+@pytest.fixture
+async def cache(tmp_path: Path) -> AsyncIterator[FileCache]:
+    async with FileCache(tmp_path / "cache", max_size=256 * MiB) as c:
+        yield c
+
+
+# --------------------------------------------------------------------------
+# Basics
+
+
+async def test_path_source_is_copied_then_served_from_the_cache(
+    tmp_path: Path, cache: FileCache, payload: bytes
+) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    os.utime(src, ns=(1_600_000_000_000_000_000, 1_650_000_000_123_456_789))
+
+    async with cache.open(src) as f:
+        assert f.mode == "copy"
+        assert f.size == len(payload)
+        assert f.key == str(src.resolve())
+        assert await read_all(f) == payload
+        assert await f.wait_cached()
+        assert f.mode == "cache"
+    names = visible(cache.directory)
+    assert len(names) == 1
+    final = cache.directory / names[0]
+    assert final.read_bytes() == payload
+    assert final.stat().st_mtime_ns == 1_650_000_000_123_456_789  # the source's mtime
+    assert parts(cache.directory) == []
+    assert await cache.usage() == len(payload)
+
+    async with cache.open(str(src)) as f:
+        assert f.mode == "cache"
+        assert f.mtime == pytest.approx(1_650_000_000.123456789)
+        assert await f.read(100, 50) == payload[100:150]
+    stats = cache.stats()
+    assert (stats["copies"], stats["published"], stats["hits"]) == (1, 1, 1)
+
+
+async def test_reader_api(tmp_path: Path, cache: FileCache, payload: bytes) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    f = await cache.open(src)
+    try:
+        size = len(payload)
+        assert await f.read(size - 10, 100) == payload[-10:]  # short only at the end
+        assert await f.read(size, 10) == b""
+        assert await f.read(size + 5, 10) == b""
+        assert await f.read(0, 0) == b""
+        assert await read_all(f, 1000, 1000 + 3 * 256 * 1024 + 7) == payload[1000 : 1000 + 786439]
+        assert await read_all(f, size - 5, size + 100) == payload[-5:]
+        assert await read_all(f, 10, 10) == b""
+        with pytest.raises(ValueError, match="offset"):
+            await f.read(-1, 10)
+        with pytest.raises(ValueError, match="start"):
+            await read_all(f, 5, 4)
+        assert f.etag.startswith('"')
+        assert f.etag.endswith('"')
+        assert "CachedFile" in repr(f)
+    finally:
+        await f.aclose()
+        await f.aclose()  # harmless
+    with pytest.raises(ValueError, match="closed"):
+        await f.read(0, 1)
+
+
+async def test_bad_sources_and_closed_cache(tmp_path: Path) -> None:
+    cache = FileCache(tmp_path / "c", max_size=MiB)
+    with pytest.raises(FileNotFoundError):
+        await cache.open(tmp_path / "missing")
+    with pytest.raises(IsADirectoryError):
+        await cache.open(tmp_path)
+    with pytest.raises(TypeError, match="Source"):
+        await cache.open(42)  # type: ignore[arg-type]
+    await cache.aclose()
+    await cache.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await cache.open(tmp_path / "x")
+    with pytest.raises(ValueError, match="max_size"):
+        FileCache(tmp_path, max_size=0)
+
+
+def test_constructor_does_no_io(tmp_path: Path) -> None:
+    FileCache(tmp_path / "not" / "yet", max_size=MiB)
+    assert not (tmp_path / "not").exists()
+
+
+def test_memory_source_follows_the_protocol() -> None:
+    source: Source = MemorySource(b"x")  # mypy checks the protocol here
+    assert source.size == 1
+
+
+# --------------------------------------------------------------------------
+# The heart of it: a slow source, many readers, one copy
+
+
+async def test_sixteen_readers_of_a_throttled_64_mib_source(tmp_path: Path) -> None:
+    data = os.urandom(64 * MiB)
+    source = MemorySource(data, rate=20e6)  # 20 MB/s: the copy takes ~3.4 s
+    size = len(data)
+    async with FileCache(tmp_path / "cache", max_size=128 * MiB) as cache:
+        t0 = time.perf_counter()
+        first_byte: list[float] = []
+        tail_done: list[tuple[float, int]] = []
+
+        async def reader(i: int) -> tuple[int, str]:
+            start = i * 4 * MiB
+            async with cache.open(source) as f:
+                digest = hashlib.sha256()
+                async for chunk in f.iter_bytes(start):
+                    if i == 0 and not first_byte:
+                        first_byte.append(time.perf_counter() - t0)
+                    digest.update(chunk)
+                return start, digest.hexdigest()
+
+        async def tail() -> bytes:
+            await asyncio.sleep(0.3)
+            async with cache.open(source) as f:
+                got = await f.read(size - MiB, MiB)
+                tail_done.append((time.perf_counter() - t0, cache.stats()["copied_bytes"]))
+                return got
+
+        results, last = await asyncio.gather(asyncio.gather(*map(reader, range(16))), tail())
+        async with cache.open(source) as f:
+            assert await f.wait_cached()
+        copy_time = time.perf_counter() - t0
+
+        for start, digest in results:
+            assert digest == sha(data[start:]), f"reader at {start} got wrong bytes"
+        assert last == data[-MiB:]
+        # The first byte came long before the copy ended...
+        assert first_byte[0] < 0.5 < 3.0 < copy_time
+        # ...and the last MiB came while the copy was still far from it.
+        returned_at, copied_then = tail_done[0]
+        assert returned_at < 1.5
+        assert copied_then < size - MiB
+        # One copy: the copier's preads tile the file exactly once, and every
+        # other byte read from the source is accounted as a direct read.
+        stats = cache.stats()
+        assert (stats["copies"], stats["published"], stats["copied_bytes"]) == (1, 1, size)
+        assert source.bytes_read == stats["copied_bytes"] + stats["source_bytes"]
+        assert visible(cache.directory) != []
+        assert parts(cache.directory) == []
+
+
+async def test_read_just_ahead_waits_and_far_ahead_comes_from_the_source(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(8 * MiB)
+    source = MemorySource(data, rate=10e6)
+    async with (
+        FileCache(tmp_path / "c", max_size=64 * MiB, wait_window=MiB) as cache,
+        cache.open(source) as f,
+    ):
+        t0 = time.perf_counter()
+        assert await f.read(7 * MiB, 1000) == data[7 * MiB : 7 * MiB + 1000]
+        assert time.perf_counter() - t0 < 0.3  # not after the copy (~0.8 s)
+        assert cache.stats()["source_bytes"] == 1000
+        # Just ahead: waits for the copy, then comes from the cache file.
+        assert await f.read(512 * 1024, 1000) == data[512 * 1024 : 512 * 1024 + 1000]
+        assert cache.stats()["source_bytes"] == 1000
+        assert cache.stats()["copied_bytes"] >= 512 * 1024 + 1000
+
+
+async def test_same_source_in_two_caches_is_copied_once_and_followed(
+    tmp_path: Path, no_blocking_io: list[str]
+) -> None:
+    """Two caches on one directory behave like two processes: the second follows."""
+    data = os.urandom(6 * MiB)
+    source = MemorySource(data, rate=15e6)
+    async with (
+        FileCache(tmp_path / "c", max_size=64 * MiB) as one,
+        FileCache(tmp_path / "c", max_size=64 * MiB) as two,
+    ):
+        f1 = await one.open(source)
+        await f1.read(0, 1)  # the copy is under way
+        f2 = await two.open(source)
+        try:
+            assert f1.mode == "copy"
+            assert f2.mode == "follow"
+            got1, got2 = await asyncio.gather(read_all(f1), read_all(f2))
+            assert got1 == data
+            assert got2 == data
+            assert await f2.wait_cached()
+        finally:
+            await f1.aclose()
+            await f2.aclose()
+        assert one.stats()["copied_bytes"] == len(data)
+        assert two.stats()["copied_bytes"] == 0
+        assert two.stats()["source_bytes"] == 0  # it read behind the copy, from the part
+        assert (two.stats()["follows"], two.stats()["followed"]) == (1, 1)
+        assert source.bytes_read == len(data)
+        async with two.open(source) as f:
+            assert f.mode == "cache"
+
+
+async def test_follower_of_a_cancelled_copy_finishes_from_the_source(tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    source = MemorySource(data, rate=8e6)
+    one = FileCache(tmp_path / "c", max_size=64 * MiB)
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as two:
+        f1 = await one.open(source)
+        await f1.read(0, 1)
+        async with two.open(source) as f2:
+            assert f2.mode == "follow"
+            head = await f2.read(0, 100_000)
+            await one.aclose()  # the copier goes away mid-copy
+            rest = await read_all(f2, 100_000)
+            assert head + rest == data
+            assert f2.mode == "source"
+        await f1.aclose()
+        assert visible(tmp_path / "c") == []
+        assert parts(tmp_path / "c") == []
+        async with two.open(source) as f:  # a new copy starts cleanly
+            assert f.mode == "copy"
+            assert await read_all(f) == data
+            assert await f.wait_cached()
+        assert await two.usage() == len(data)
+
+
+# --------------------------------------------------------------------------
+# Sources that change or vanish
+
+
+@pytest.mark.parametrize("change", ["truncated", "rewritten", "deleted"])
+async def test_source_changing_mid_copy_never_mixes_bytes(tmp_path: Path, change: str) -> None:
+    path = tmp_path / "src.bin"
+    original = os.urandom(4 * MiB)
+    path.write_bytes(original)
+    source = FileSource(path, rate=10e6)  # ~0.4 s
+    async with FileCache(tmp_path / "c", max_size=64 * MiB, wait_window=256 * 1024) as cache:
+        outcomes: list[str] = []
+
+        async def reader(start: int) -> None:
+            got = bytearray()
+            try:
+                async with cache.open(source) as f:
+                    async for chunk in f.iter_bytes(start):
+                        got += chunk
+            except SourceChangedError:
+                outcomes.append("changed")
+            else:
+                outcomes.append("whole")
+                assert len(got) == len(original) - start
+            assert bytes(got) == original[start : start + len(got)], "mixed bytes"
+
+        async def mutate() -> None:
+            while cache.stats()["copied_bytes"] < 300_000:
+                await asyncio.sleep(0.005)
+            if change == "truncated":
+                os.truncate(path, 1 * MiB)
+            elif change == "rewritten":
+                with open(path, "r+b") as fh:
+                    fh.write(b"\0" * 4096)
+                os.utime(path, ns=(0, time.time_ns() + 10**9))
+            else:
+                path.unlink()
+
+        await asyncio.gather(*(reader(s) for s in (0, 0, 1000, 700_000)), mutate())
+        assert "changed" in outcomes
+        assert cache.stats()["failed"] == 1
+        assert cache.stats()["published"] == 0
+        assert visible(cache.directory) == []
+        assert parts(cache.directory) == []
+        assert await cache.usage() == 0
+
+
+async def test_outdated_copy_is_recopied_and_old_readers_keep_their_version(
+    tmp_path: Path, cache: FileCache
+) -> None:
+    src = tmp_path / "src.bin"
+    old = os.urandom(2 * MiB)
+    src.write_bytes(old)
+    async with cache.open(src) as f:
+        assert await f.wait_cached()
+    holder = await cache.open(src)
+    assert holder.mode == "cache"
+    new = os.urandom(MiB)
+    src.write_bytes(new)
+    os.utime(src, ns=(0, 1_800_000_000_000_000_000))
+    async with cache.open(src) as f:
+        assert f.mode == "copy"
+        assert await read_all(f) == new
+        assert await f.wait_cached()
+    assert await read_all(holder) == old  # its fd still reads the old version
+    await holder.aclose()
+    assert cache.stats()["outdated"] == 1
+    assert await cache.usage() == len(new)
+    async with cache.open(src) as f:
+        assert f.mode == "cache"
+        assert await read_all(f) == new
+
+
+# --------------------------------------------------------------------------
+# Space
+
+
+async def test_full_cache_of_held_files_serves_uncached_then_evicts_lru(tmp_path: Path) -> None:
+    now = [1_000.0]
+    directory = tmp_path / "c"
+    async with FileCache(directory, max_size=3 * MiB, clock=lambda: now[0]) as cache:
+        blobs = {name: os.urandom(MiB) for name in "abcd"}
+        sources = {name: MemorySource(b, key=name) for name, b in blobs.items()}
+        held = []
+        for name in "abc":
+            now[0] += 10
+            f = await cache.open(sources[name])
+            assert await f.wait_cached()
+            held.append(f)
+        assert await cache.usage() == 3 * MiB
+
+        async with cache.open(sources["d"]) as f:
+            assert f.mode == "source"  # nothing can be evicted: all held
+            assert await read_all(f) == blobs["d"]
+        assert len(visible(directory)) == 3
+        assert await cache.usage() == 3 * MiB
+
+        for f in held:
+            await f.aclose()
+        now[0] += 10
+        async with cache.open(sources["a"]) as f:  # a is now the most recent
+            assert f.mode == "cache"
+        now[0] += 10
+        async with cache.open(sources["d"]) as f:
+            assert f.mode == "copy"
+            assert await read_all(f) == blobs["d"]
+            assert await f.wait_cached()
+        assert await cache.usage() <= 3 * MiB
+        assert cache.stats()["evicted"] == 1
+        for name, expected in (("a", "cache"), ("c", "cache"), ("d", "cache"), ("b", "copy")):
+            async with cache.open(sources[name]) as f:
+                assert f.mode == expected, name
+                assert await read_all(f) == blobs[name]
+                await f.wait_cached()
+            assert await cache.usage() <= 3 * MiB
+
+
+async def test_file_larger_than_the_cache_is_served_uncached(tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    async with FileCache(tmp_path / "c", max_size=MiB) as cache:
+        async with cache.open(MemorySource(data)) as f:
+            assert f.mode == "source"
+            assert await read_all(f) == data
+        assert visible(cache.directory) == []
+
+
+async def test_usage_counter_is_rebuilt_when_lost(tmp_path: Path, payload: bytes) -> None:
+    src = tmp_path / "s"
+    src.write_bytes(payload)
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache, cache.open(src) as f:
+        assert await f.wait_cached()
+    (tmp_path / "c" / ".usage").write_bytes(b"garbage!")
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache:
+        assert await cache.usage() == len(payload)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.faults
+async def test_enospc_on_the_cache_disk_serves_uncached(tmp_path: Path) -> None:
+    data = os.urandom(6 * MiB)
+    with small_tmpfs(tmp_path / "small", "2m") as mount:
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        # max_size lies: the disk fills first, with a real ENOSPC.
+        async with FileCache(mount / "c", max_size=64 * MiB) as cache:
+            for source in (src, MemorySource(data, rate=50e6)):
+                async with cache.open(source) as f:
+                    got = await read_all(f)
+                    assert got == data
+                    assert not await f.wait_cached()
+                    assert f.mode == "source"
+            assert visible(mount / "c") == []
+            assert parts(mount / "c") == []
+            assert await cache.usage() == 0
+            assert cache.stats()["uncached"] == 2
+
+
+# --------------------------------------------------------------------------
+# Lifetime: abandoning, cancelling, closing
+
+
+async def test_copy_finishes_when_every_reader_leaves(tmp_path: Path) -> None:
+    data = os.urandom(2 * MiB)
+    source = MemorySource(data, rate=20e6)
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache:
+        async with cache.open(source) as f:
+            await f.read(0, 10)
+        async with cache.open(source) as f:  # the session is still alive: shared
+            assert f.mode == "copy"
+            assert await f.wait_cached()
+        assert cache.stats()["copies"] == 1
+
+
+async def test_abandoned_copy_is_cancelled_when_configured(tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    source = MemorySource(data, rate=10e6)
+    async with FileCache(tmp_path / "c", max_size=64 * MiB, finish_abandoned=False) as cache:
+        async with cache.open(source) as f:
+            await f.read(0, 10)
+        for _ in range(200):
+            if not parts(cache.directory) and await cache.usage() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert parts(cache.directory) == []
+        assert visible(cache.directory) == []
+        assert await cache.usage() == 0
+        assert source.bytes_read < len(data)
+
+
+async def test_aclose_cancels_copies_and_leaves_readers_working(tmp_path: Path) -> None:
+    data = os.urandom(4 * MiB)
+    source = MemorySource(data, rate=10e6)
+    cache = FileCache(tmp_path / "c", max_size=64 * MiB)
+    f = await cache.open(source)
+    head = await f.read(0, 1000)
+    t0 = time.perf_counter()
+    await cache.aclose()
+    assert time.perf_counter() - t0 < 0.5  # stopped at the next chunk, not the end
+    assert parts(tmp_path / "c") == []
+    assert visible(tmp_path / "c") == []
+    assert head + await read_all(f, 1000) == data
+    assert f.mode == "source"
+    await f.aclose()
+
+
+async def test_ten_thousand_cancelled_reads_leak_nothing(tmp_path: Path) -> None:
+    data = os.urandom(8 * MiB)
+    source = MemorySource(data, rate=2e6)  # the copy crawls: reads just ahead wait
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    unheld = tmp_path / "unheld.bin"  # no reader holds it: every open probes
+    unheld.write_bytes(data[:MiB])
+    before = open_fds()
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache:
+        f = await cache.open(source)
+        for i in range(10_000):
+            task = asyncio.ensure_future(f.read(300_000 + i, 1000))
+            await asyncio.sleep(0)  # it is waiting now
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert len(f._session._waiters) < 1000  # swept, not piling up
+        # Cancel reads in flight in worker threads, and opens at every step
+        # (resolving, probing, sharing a session a held reader keeps alive).
+        keeper = await cache.open(src)
+        for i in range(600):
+            read_task = asyncio.ensure_future(f.read(0, 100))
+            target = (src, source, unheld)[i % 3]
+            open_task = asyncio.ensure_future(cache.open(target))
+            for _ in range(i % 16):
+                await asyncio.sleep(0)
+            read_task.cancel()
+            open_task.cancel()
+            results = await asyncio.gather(read_task, open_task, return_exceptions=True)
+            for result in results:
+                if isinstance(result, CachedFile):
+                    await result.aclose()
+        assert await f.read(0, 100) == data[:100]
+        await f.aclose()
+        await keeper.aclose()
+    assert open_fds() == before
+
+
+async def test_no_blocking_io_on_the_loop(
+    tmp_path: Path, payload: bytes, no_blocking_io: list[str]
+) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(payload)
+    source = MemorySource(payload, rate=40e6)
+    async with FileCache(tmp_path / "c", max_size=5 * MiB) as cache:
+        for s in (src, source):
+            async with cache.open(s) as f:
+                assert await f.read(0, 10) == payload[:10]
+                assert await f.read(len(payload) - 10, 10) == payload[-10:]
+                assert await read_all(f) == payload
+                assert await f.wait_cached()
+            f2 = await cache.open(s)
+            assert f2.mode == "cache"
+            await f2.aclose()
+        # Full: eviction walks the directory; too big: uncached.
+        async with cache.open(MemorySource(payload, key="other")) as f:
+            assert await read_all(f) == payload
+        async with cache.open(MemorySource(os.urandom(6 * MiB), key="big")) as f:
+            assert f.mode == "source"
+        assert await cache.usage() <= 5 * MiB
+        cache.stats()
+    assert no_blocking_io == []
