@@ -168,6 +168,19 @@ async def test_reader_api(tmp_path: Path, cache: FileCache, payload: bytes) -> N
         await f.read(0, 1)
 
 
+async def test_empty_file(tmp_path: Path, cache: FileCache) -> None:
+    src = tmp_path / "empty"
+    src.write_bytes(b"")
+    for expected in ("copy", "cache"):
+        async with cache.open(src) as f:
+            assert f.mode == expected
+            assert f.size == 0
+            assert await f.read(0, 10) == b""
+            assert await read_all(f) == b""
+            assert await f.wait_cached()
+    assert len(visible(cache.directory)) == 1
+
+
 async def test_bad_sources_and_closed_cache(tmp_path: Path) -> None:
     cache = FileCache(tmp_path / "c", max_size=MiB)
     with pytest.raises(FileNotFoundError):

@@ -608,11 +608,15 @@ class FileCache:
     A read more than ``wait_window`` bytes ahead of a copy in progress is
     served from the source at once instead of waiting.  ``chunk_size`` is the
     largest chunk a `Source` object is copied in (local paths are copied in the
-    kernel, in larger chunks); ``read_size`` is the chunk `CachedFile.iter_bytes`
-    yields.  With ``finish_abandoned`` (the default) a copy runs to the end even
-    when every reader has left; without it, it is cancelled.  At most
+    kernel, in larger chunks); ``read_size`` is the largest chunk
+    `CachedFile.iter_bytes` yields (it starts at 64 KiB and doubles), so a
+    reader holds at most that much memory.  With ``finish_abandoned`` (the
+    default) a copy runs to the end even when every reader has left; without
+    it, it is cancelled.  At most
     ``max_copies`` copies run at once; the readers of a queued copy read from
-    the source meanwhile.  ``lock_timeout`` bounds how long an open waits for
+    the source meanwhile.  Reads of the local cache file use at most
+    ``read_threads`` worker threads (more would fight the event loop for the
+    GIL without adding throughput).  ``lock_timeout`` bounds how long an open waits for
     another process that holds an entry without copying it (it then serves the
     file uncached).  ``clock`` is injectable (it stamps the last use of a copy)
     so eviction order can be made deterministic in tests.
@@ -637,9 +641,10 @@ class FileCache:
         max_size: int = 1 << 30,
         wait_window: int = 1 * MiB,
         chunk_size: int = 1 * MiB,
-        read_size: int = 256 * 1024,
+        read_size: int = 1 * MiB,
         finish_abandoned: bool = True,
         max_copies: int = 8,
+        read_threads: int = 4,
         lock_timeout: float = 10.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
@@ -649,6 +654,7 @@ class FileCache:
             ("chunk_size", chunk_size),
             ("read_size", read_size),
             ("max_copies", max_copies),
+            ("read_threads", read_threads),
         ):
             if value <= 0:
                 raise ValueError(f"{label} must be > 0, got {value!r}")
@@ -661,6 +667,7 @@ class FileCache:
         self.read_size = read_size
         self.finish_abandoned = finish_abandoned
         self.max_copies = max_copies
+        self.read_threads = read_threads
         self.lock_timeout = lock_timeout
         self.poll_interval = poll_interval
         self._stats = _Stats()
@@ -671,6 +678,7 @@ class FileCache:
         self._live: set[CopySession] = set()
         self._gates: dict[str, asyncio.Event] = {}
         self._limiter: CapacityLimiter | None = None
+        self._read_limiter: CapacityLimiter | None = None
         self._ready_lock: asyncio.Lock | None = None
         self._ready = False
         self._closed = False
@@ -706,6 +714,7 @@ class FileCache:
             if not self._ready:
                 await run_sync(self._dir.open)
                 self._limiter = CapacityLimiter(self.max_copies)
+                self._read_limiter = CapacityLimiter(self.read_threads)
                 self._notifier.start()
                 self._ready = True
 
@@ -798,12 +807,14 @@ class FileCache:
 
     def _make_session(self, name: str, origin: Origin, probe: _Probe) -> CopySession:
         kind = probe.kind
+        assert self._read_limiter is not None
         session = CopySession(
             name=name,
             origin=origin,
             mode=kind,
             data=SharedFd(probe.data_fd) if probe.data_fd is not None else None,
             wait_window=self.wait_window,
+            read_limiter=self._read_limiter,
             stats=self._stats,
             on_closed=self._forget,
         )
@@ -1026,7 +1037,7 @@ class CachedFile:
         return await self._session.read(offset, n)
 
     async def iter_bytes(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """Yield the bytes of ``[start, end)`` in chunks of ``read_size`` (bounded memory).
+        """Yield the bytes of ``[start, end)`` in chunks of up to ``read_size`` (bounded memory).
 
         ``end`` is exclusive and defaults to the end of the file; both are
         clipped to the file.
@@ -1041,13 +1052,17 @@ class CachedFile:
         if start < 0 or (end is not None and end < start):
             raise ValueError(f"iter_bytes(start={start}, end={end}): need 0 <= start <= end")
         stop = self.size if end is None else min(end, self.size)
-        step = self._cache.read_size
+        largest = self._cache.read_size
+        # Small first, so the first bytes come quickly (from a slow source
+        # too), then doubling: a long stream costs few thread hops.
+        step = min(64 * 1024, largest)
         position = start
         while position < stop:
             chunk = await self.read(position, min(step, stop - position))
             if not chunk:
                 return
             position += len(chunk)
+            step = min(step * 2, largest)
             yield chunk
 
     async def wait_cached(self) -> bool:

@@ -652,6 +652,7 @@ class CopySession:
         mode: str,
         data: SharedFd | None,
         wait_window: int,
+        read_limiter: CapacityLimiter,
         stats: Stats,
         on_closed: Callable[[CopySession], None],
     ) -> None:
@@ -660,6 +661,11 @@ class CopySession:
         self.mode = mode
         self.data = data
         self.wait_window = wait_window
+        # Reads of the local cache file get a few threads of their own: they
+        # are quick, and dozens of threads fighting the loop thread for the
+        # GIL would delay the loop (a convoy) more than they add throughput.
+        # Reads from a slow source use the shared file limiter instead.
+        self.read_limiter = read_limiter
         self.stats = stats
         self.refs = 0
         self.error: BaseException | None = None
@@ -752,7 +758,14 @@ class CopySession:
             data = self.data
             if end <= self.avail and data is not None and not data.closed:
                 try:
-                    got = await run_sync(_read_cached, data, offset, end - offset, self.origin.key)
+                    got = await run_sync(
+                        _read_cached,
+                        data,
+                        offset,
+                        end - offset,
+                        self.origin.key,
+                        limiter=self.read_limiter,
+                    )
                 except FdClosed:
                     continue  # the cache failed under us: look again
                 return got
