@@ -462,16 +462,16 @@ async def test_storage_list_skips_entries_that_vanish(tmp_path: Path) -> None:
     thread.start()
     listings = 0
     try:
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
+        # Enough overlap to hit the windows, however loaded the machine is.
+        deadline = time.monotonic() + 60
+        while listings < 50 or churned < 5:
+            assert time.monotonic() < deadline, (listings, churned)
             storages = await repo.get_storage_list()
             assert keeper in storages
             listings += 1
     finally:
         stop.set()
         thread.join()
-    assert listings > 20
-    assert churned > 5
 
 
 # --------------------------------------------------------------------------
