@@ -573,11 +573,25 @@ async def test_cli_break_lock_refuses_paths(tmp_path: Path, bad: str) -> None:
 
 
 async def test_cli_break_lock_of_unknown_storage_fails(tmp_path: Path) -> None:
-    status, _, err = await asyncio.to_thread(
-        cli, "sessions", "--repository", str(tmp_path), "--break-lock", "nope.session"
+    (tmp_path / "file.session").write_bytes(b"")
+    for name in ["nope.session", "file.session"]:
+        status, _, err = await asyncio.to_thread(
+            cli, "sessions", "--repository", str(tmp_path), "--break-lock", name
+        )
+        assert status == 1
+        assert f"no session storage {name!r}" in err
+
+
+async def test_cli_reports_os_errors_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    status, out, err = await asyncio.to_thread(
+        cli, "sessions", "--repository", str(tmp_path / "file")
     )
     assert status == 1
-    assert "nope.session" in err
+    assert out == ""
+    assert err.startswith("atempstore sessions: ")
+    assert "Not a directory" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.multiprocess

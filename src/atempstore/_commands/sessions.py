@@ -57,9 +57,13 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     repository = SessionStorageRepository(args.repository)
-    if args.break_lock is not None:
-        return asyncio.run(_break_lock(repository, args.break_lock))
-    return asyncio.run(_list(repository))
+    try:
+        if args.break_lock is not None:
+            return asyncio.run(_break_lock(repository, args.break_lock))
+        return asyncio.run(_list(repository))
+    except OSError as exc:  # permissions, a repository that is a file...: say it, no traceback
+        print(f"atempstore sessions: {exc}", file=sys.stderr)
+        return 1
 
 
 class _Row(NamedTuple):
@@ -113,7 +117,7 @@ async def _break_lock(repository: SessionStorageRepository, storage_id: str) -> 
     storage = SessionStorage(repository.location / storage_id)
     try:
         removed = await storage.break_lock()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         print(
             f"atempstore sessions: no session storage {storage_id!r} in {repository.location};"
             " run `atempstore sessions` to list them",
