@@ -187,6 +187,10 @@ async def test_bad_sources_and_closed_cache(tmp_path: Path) -> None:
         await cache.open(tmp_path / "missing")
     with pytest.raises(IsADirectoryError):
         await cache.open(tmp_path)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="regular files"):
+        await asyncio.wait_for(cache.open(fifo), 5)  # refused, not hung waiting for a writer
     with pytest.raises(TypeError, match="Source"):
         await cache.open(42)  # type: ignore[arg-type]
     await cache.aclose()
@@ -309,6 +313,30 @@ async def test_same_source_in_two_caches_is_copied_once_and_followed(
         assert source.bytes_read == len(data)
         async with two.open(source) as f:
             assert f.mode == "cache"
+
+
+async def test_follower_of_a_queued_copy_reads_from_the_source_meanwhile(
+    tmp_path: Path,
+) -> None:
+    busy = MemorySource(os.urandom(4 * MiB), rate=4e6, key="busy")  # holds the only slot
+    queued_data = os.urandom(2 * MiB)
+    queued = MemorySource(queued_data, rate=50e6, key="queued")
+    async with (
+        FileCache(tmp_path / "c", max_size=64 * MiB, max_copies=1) as one,
+        FileCache(tmp_path / "c", max_size=64 * MiB) as two,
+    ):
+        f_busy = await one.open(busy)
+        await f_busy.read(0, 1)
+        f_queued = await one.open(queued)  # its copy waits for the slot
+        async with two.open(queued) as f:
+            assert f.mode == "follow"
+            t0 = time.perf_counter()
+            assert await f.read(0, 1000) == queued_data[:1000]
+            assert time.perf_counter() - t0 < 0.5  # not after busy's copy (~1 s)
+            assert two.stats()["source_bytes"] == 1000
+            assert await read_all(f) == queued_data
+        await f_busy.aclose()
+        await f_queued.aclose()
 
 
 async def test_follower_of_a_cancelled_copy_finishes_from_the_source(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from typing import Any
 from anyio import CapacityLimiter
 
 from ._copysession import (
+    QUEUED,
     Copier,
     CopySession,
     MiB,
@@ -112,7 +113,17 @@ class _Probe:
     something, `_Directory.discard` gives it all back.
     """
 
-    __slots__ = ("data_fd", "kind", "lock_fd", "locked", "name", "reserved", "tmp", "watch")
+    __slots__ = (
+        "data_fd",
+        "kind",
+        "lock_fd",
+        "locked",
+        "name",
+        "progress",
+        "reserved",
+        "tmp",
+        "watch",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -123,6 +134,7 @@ class _Probe:
         self.tmp: str | None = None
         self.reserved = 0
         self.watch: int | None = None
+        self.progress = 0
 
 
 # --------------------------------------------------------------------------
@@ -333,10 +345,11 @@ class _Directory:
                     kind = "source"  # another version is being copied
                 elif live:
                     kind = "follow"
-                elif rec.progress >= rec.size == st.st_size:
+                elif rec.progress != QUEUED and rec.progress >= rec.size == st.st_size:
                     kind = "cache"  # complete, a moment before its rename
                 if kind == "follow":
                     p.watch = self.add_watch(self.lock_path(p.name))
+                    p.progress = rec.progress if rec is not None else 0
                 if kind in ("follow", "cache"):
                     p.data_fd, part = part, -1
         finally:
@@ -850,7 +863,7 @@ class FileCache:
                 session.cleanup.append(self._notifier.subscribe(probe.watch, session))
             # Without inotify, followers poll fast; with it, only as a safety net.
             poll = self.poll_interval if probe.watch is not None else 0.01
-            session.start_follow(probe.lock_fd, probe.data_fd, poll)
+            session.start_follow(probe.lock_fd, probe.data_fd, probe.progress, poll)
         elif kind == "cache":
             self._stats.count("hits")
         else:

@@ -238,6 +238,9 @@ _PROGRESS = struct.Struct("<QQ")
 _MASK = 0x5A5A_5A5A_5A5A_5A5A
 _MAGIC = b"ATSCOPY1"
 RECORD_SIZE = _RECORD.size
+#: The progress of a copy still queued for a copy slot in its process: its
+#: followers read from the source meanwhile, as its local readers do.
+QUEUED = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -364,13 +367,15 @@ class PathOrigin(Origin):
 
     def resolve(self) -> None:  # in a worker thread
         real = os.path.realpath(self.path)
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not hang the thread (it is refused
+        # below); on a regular file the flag changes nothing.
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         self.fd = SharedFd(fd)
         st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory cannot be cached; pass a file", real)
         if not stat.S_ISREG(st.st_mode):
-            raise IsADirectoryError(
-                errno.EISDIR, "only regular files can be cached; pass a file", real
-            )
+            raise OSError(errno.EINVAL, "only regular files can be cached; pass a file", real)
         self.key = real
         self._ident = (st.st_dev, st.st_ino)
         self.version = Version(st.st_size, st.st_mtime_ns)
@@ -545,6 +550,10 @@ class Copier:
         try:
             if self.cancel.is_set():
                 raise _Cancelled
+            try:
+                write_progress(self.lock_fd, 0)  # no longer QUEUED: followers wait for us
+            except OSError as exc:
+                raise CacheFailed(str(exc)) from exc
             self.post(on_start)
             self._copy_all(on_progress)
             self._publish()
@@ -775,7 +784,10 @@ class CopySession:
                 or not self.running
                 or offset > self.avail + self.wait_window
             ):
-                got = await run_sync(self.origin.read_checked, offset, end - offset)
+                try:
+                    got = await run_sync(self.origin.read_checked, offset, end - offset)
+                except FdClosed:
+                    raise ValueError(f"read from {self.origin.key!r} after it was closed") from None
                 self.stats.count("source_bytes", len(got))
                 return got
             await self._wait_for(end)
@@ -805,6 +817,11 @@ class CopySession:
         # With a free copy slot the thread starts at once: let readers wait for
         # it rather than fetch from the source what the copy brings a moment later.
         self.running = limiter.available_tokens > 0
+        if not self.running:
+            # Queued: tell followers in other processes to read from the source
+            # too (the thread writes 0 when it starts).  A 16-byte fd write.
+            with contextlib.suppress(OSError):
+                write_progress(copier.lock_fd, QUEUED)
         self.task = asyncio.get_running_loop().create_task(self._copy(copier, limiter))
 
     async def _copy(self, copier: Copier, limiter: CapacityLimiter) -> None:
@@ -840,9 +857,18 @@ class CopySession:
 
     # -- following a copy made by another process ------------------------------
 
-    def start_follow(self, lock_fd: int, part_fd: int, poll: float) -> None:
+    def start_follow(self, lock_fd: int, part_fd: int, progress: int, poll: float) -> None:
         self.lock_fd = lock_fd
+        self._progressed(progress)
         self.task = asyncio.get_running_loop().create_task(self._follow(lock_fd, part_fd, poll))
+
+    def _progressed(self, progress: int | None) -> None:
+        if progress is None:
+            return
+        # A copier queued in its process has not started: read from the source.
+        self.running = progress != QUEUED
+        if self.running:
+            self._advance(min(progress, self.size))
 
     def poke(self) -> None:
         """Called when the copier wrote its progress (an inotify event)."""
@@ -856,19 +882,17 @@ class CopySession:
         try:
             while True:
                 # A 16-byte pread of a page-cached file: an fd call, no path.
-                progress = read_progress(lock_fd)
-                if progress is not None:
-                    self._advance(min(progress, self.size))
+                self._progressed(read_progress(lock_fd))
                 if self.avail >= self.size:
                     break
                 if end.done():
-                    progress = read_progress(lock_fd)
-                    if progress is not None:
-                        self._advance(min(progress, self.size))
+                    self._progressed(read_progress(lock_fd))
                     break
                 self._ping.clear()
                 with anyio.move_on_after(poll):
                     await self._ping.wait()
+            for undo in self.cleanup:
+                undo()  # no more progress to watch
             if self.avail >= self.size:
                 if not end.done():
                     await end  # the copier downgrades right after its last progress
