@@ -824,10 +824,11 @@ class TempFileManager:
             sys.stderr.write(f"atempstore: could not remove {where!r} at exit: {exc}\n")
 
     async def __aenter__(self) -> TempFileManager:
+        was_started = self._opened is not None
         try:
             await run_sync(self._ensure_started)
         except BaseException:
-            if self._opened is not None:
+            if not was_started and self._opened is not None:
                 # Cancelled while the worker finished starting: nobody will
                 # reach __aexit__, so do not leave the directory to atexit.
                 with anyio.CancelScope(shield=True):

@@ -15,8 +15,11 @@ from typing import Any
 from .._errors import AtempstoreError
 from .._tempfiles import DEFAULT_GRACE, clean_for_command
 
+__all__ = ("add_parser", "run")
+
 
 def add_parser(commands: Any) -> None:
+    """Register ``clean`` with the ``atempstore`` command's subparsers."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "clean",
         help="remove temp directories left by dead processes",
@@ -49,6 +52,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Clean, print one line per directory and a summary; 1 if the directory is unsafe."""
     try:
         userdir, verdicts = clean_for_command(args.prefix, grace=args.grace, dry_run=args.dry_run)
     except (AtempstoreError, OSError, ValueError) as exc:
