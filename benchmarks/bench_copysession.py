@@ -66,25 +66,31 @@ def drop_cache_dir(path: Path) -> None:
 class LagProbe:
     """A thread that asks the loop to run a callback every ``interval`` seconds.
 
-    Only probes sent while `measuring` is active count: the peers run
-    synchronously on the loop thread, and the lag they cause is theirs.
+    Only what happens inside `measuring` windows counts: the peers (and the
+    benchmark's own clean-up) run synchronously on the loop thread, and the
+    lag they cause is theirs.  A probe sent inside a window counts up to the
+    window's end at most, so a probe thread descheduled on a loaded machine
+    cannot charge the next ``rmtree`` to us.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.001) -> None:
         self.loop = loop
         self.interval = interval
         self.lags: list[float] = []
-        self.active = False
+        self._windows: list[list[float]] = []  # [start, end], end = inf while open
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _record(self, sent: float) -> None:
-        self.lags.append(time.perf_counter() - sent)
+        ran = time.perf_counter()
+        for start, end in reversed(self._windows):
+            if start <= sent <= end:
+                self.lags.append(min(ran, end) - sent)
+                return
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.active:
-                self.loop.call_soon_threadsafe(self._record, time.perf_counter())
+            self.loop.call_soon_threadsafe(self._record, time.perf_counter())
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -97,12 +103,12 @@ class LagProbe:
 
     @asynccontextmanager
     async def measuring(self) -> AsyncIterator[None]:
-        self.active = True
+        window = [time.perf_counter(), float("inf")]
+        self._windows.append(window)
         try:
             yield
         finally:
-            self.active = False
-            await asyncio.sleep(0.01)  # let the probes already sent land
+            window[1] = time.perf_counter()
 
 
 # --------------------------------------------------------------------------
@@ -235,6 +241,7 @@ async def run(size: int, rounds: int, scratch: Path) -> dict[str, object]:
         # The machine's own noise: the same probe with the loop idle.
         async with probe.measuring():
             await asyncio.sleep(1.0)
+        await asyncio.sleep(0.01)  # probes still in flight land
         idle_lags = list(probe.lags)
         probe.lags.clear()
         # Warm up both paths once (page cache, thread pool), then alternate.
@@ -251,10 +258,12 @@ async def run(size: int, rounds: int, scratch: Path) -> dict[str, object]:
             async with probe.measuring():
                 ours_ttfb.append(await our_first_byte(src, cache_dir, size))
             drop_cache_dir(cache_dir)
+        await asyncio.sleep(0.01)  # probes still in flight land
         copy_lags = list(probe.lags)
         probe.lags.clear()
         async with probe.measuring():
             ours_tp, ours_rss = await our_readers(src, cache_dir, size)
+        await asyncio.sleep(0.01)  # probes still in flight land
         reader_lags = list(probe.lags)
         drop_cache_dir(cache_dir)
     peers_tp, peers_rss = await peer_readers(src, size)

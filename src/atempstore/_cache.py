@@ -625,14 +625,15 @@ class FileCache:
     `CachedFile.iter_bytes` yields (it starts at 64 KiB and doubles), so a
     reader holds at most that much memory.  With ``finish_abandoned`` (the
     default) a copy runs to the end even when every reader has left; without
-    it, it is cancelled.  At most
-    ``max_copies`` copies run at once; the readers of a queued copy read from
-    the source meanwhile.  Reads of the local cache file use at most
-    ``read_threads`` worker threads (more would fight the event loop for the
-    GIL without adding throughput).  ``lock_timeout`` bounds how long an open waits for
-    another process that holds an entry without copying it (it then serves the
-    file uncached).  ``clock`` is injectable (it stamps the last use of a copy)
-    so eviction order can be made deterministic in tests.
+    it, it is cancelled.  At most ``max_copies`` copies run at once; the
+    readers of a queued copy read from the source meanwhile.  Reads of the
+    local cache file use at most ``read_threads`` worker threads (default: one
+    less than the CPUs, 1 to 4; more would take the event loop's CPU without
+    adding throughput).  ``lock_timeout`` bounds how long an open waits for
+    another process that holds an entry without copying it (it then serves
+    the file uncached).  ``poll_interval`` is the followers' safety poll.
+    ``clock`` is injectable (it stamps the last open of a copy) so eviction
+    order can be made deterministic in tests.
 
     The constructor does no I/O.  Use it as an async context manager; leaving
     it cancels the copies still running, removes their temporary files and
@@ -657,7 +658,7 @@ class FileCache:
         read_size: int = 1 * MiB,
         finish_abandoned: bool = True,
         max_copies: int = 8,
-        read_threads: int = 4,
+        read_threads: int | None = None,
         lock_timeout: float = 10.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
@@ -667,7 +668,7 @@ class FileCache:
             ("chunk_size", chunk_size),
             ("read_size", read_size),
             ("max_copies", max_copies),
-            ("read_threads", read_threads),
+            ("read_threads", 1 if read_threads is None else read_threads),
         ):
             if value <= 0:
                 raise ValueError(f"{label} must be > 0, got {value!r}")
@@ -725,9 +726,12 @@ class FileCache:
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
             if not self._ready:
-                await run_sync(self._dir.open)
+                cpus = await run_sync(_open_and_count_cpus, self._dir)
                 self._limiter = CapacityLimiter(self.max_copies)
-                self._read_limiter = CapacityLimiter(self.read_threads)
+                # One core stays free for the event loop (and the copy thread):
+                # on 2 cores, 4 busy readers made the loop wait several ms.
+                threads = self.read_threads or max(1, min(4, cpus - 1))
+                self._read_limiter = CapacityLimiter(threads)
                 self._notifier.start()
                 self._ready = True
 
@@ -939,6 +943,12 @@ class FileCache:
         await self._notifier.aclose()
         if self._ready:
             await run_sync(self._dir.close)
+
+
+def _open_and_count_cpus(directory: _Directory) -> int:
+    directory.open()
+    # In the thread: os.cpu_count() may read /sys.
+    return os.cpu_count() or 2
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
