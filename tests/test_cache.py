@@ -583,6 +583,28 @@ async def test_aclose_cancels_copies_and_leaves_readers_working(tmp_path: Path) 
     await f.aclose()
 
 
+async def test_aclose_during_opens_starts_no_copy(tmp_path: Path) -> None:
+    # Close at every point of the opens in flight (resolving, probing, ...):
+    # no copy may start after aclose() (it would run on, unstopped, and publish).
+    for delay in range(24):
+        directory = tmp_path / f"c{delay}"
+        cache = FileCache(directory, max_size=64 * MiB)
+        await cache.usage()  # set up
+        sources = [MemorySource(os.urandom(256 * 1024), rate=20e6, key=f"k{i}") for i in range(4)]
+        opens = [asyncio.ensure_future(cache.open(s)) for s in sources]
+        for _ in range(delay):
+            await asyncio.sleep(0)
+        await cache.aclose()
+        for result in await asyncio.gather(*opens, return_exceptions=True):
+            if isinstance(result, CachedFile):
+                await result.aclose()
+            else:
+                assert isinstance(result, RuntimeError), result
+        await asyncio.sleep(0.05)  # a stray copy would have published by now
+        assert parts(directory) == []
+        assert visible(directory) == [], delay
+
+
 async def test_ten_thousand_cancelled_reads_leak_nothing(tmp_path: Path) -> None:
     data = os.urandom(8 * MiB)
     source = MemorySource(data, rate=2e6)  # the copy crawls: reads just ahead wait

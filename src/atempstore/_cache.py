@@ -236,11 +236,21 @@ class _Directory:
 
     def cancel(self, name: str, lock_fd: int, reserved: int) -> None:
         """Drop an unfinished part and give its reserved space back."""
-        with self._ledger():
+        try:
+            ledger = self._ledger()
+            ledger.__enter__()
+        except RuntimeError:
+            # The cache is closed: the part goes anyway, and the record stays
+            # for the next holder of this entry to give the space back (_heal).
+            unlink_quietly(self.part_path(name))
+            return
+        try:
             unlink_quietly(self.part_path(name))
             if read_record(lock_fd) is not None:
                 self._add_usage(-reserved)
                 clear_record(lock_fd)
+        finally:
+            ledger.__exit__(None, None, None)
 
     # -- probing one entry --------------------------------------------------------
 
@@ -696,6 +706,8 @@ class FileCache:
         self._ready_lock: asyncio.Lock | None = None
         self._ready = False
         self._closed = False
+        self._probing = 0
+        self._probes_done: asyncio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<FileCache {os.fspath(self._directory)!r} max_size={self.max_size}>"
@@ -805,12 +817,21 @@ class FileCache:
             if self._closed:
                 raise RuntimeError(f"{self!r} was closed while opening {origin.key!r}")
             probe = _Probe(name)
+            self._probing += 1
             try:
                 await run_sync(self._dir.probe, probe, origin.version)
             except BaseException:
                 # Cancelled after the thread obtained fds, locks or space.
                 await asyncio.shield(run_sync(self._dir.discard, probe))
                 raise
+            finally:
+                self._probing -= 1
+                if self._probing == 0 and self._probes_done is not None:
+                    self._probes_done.set()
+            if self._is_closed():
+                # aclose() ran during the hop: start nothing it would not stop.
+                await run_sync(self._dir.discard, probe)
+                raise RuntimeError(f"{self!r} was closed while opening {origin.key!r}")
             if probe.kind != "wait":
                 break
             if loop.time() >= deadline:
@@ -821,6 +842,9 @@ class FileCache:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
         return self._make_session(name, origin, probe)
+
+    def _is_closed(self) -> bool:
+        return self._closed
 
     def _make_session(self, name: str, origin: Origin, probe: _Probe) -> CopySession:
         kind = probe.kind
@@ -932,6 +956,11 @@ class FileCache:
         if self._closed:
             return
         self._closed = True
+        if self._probing:
+            # Opens in the middle of a probe finish it (and give back what it
+            # got, seeing the cache closed) before the ledger closes.
+            self._probes_done = asyncio.Event()
+            await self._probes_done.wait()
         sessions = list(self._live)
         for session in sessions:
             session.cancel_copy()
