@@ -93,6 +93,9 @@ def consumer() -> None:
         store = FileStore(ROOT)
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        # SIGTERM was blocked since the fork: one sent before the handler
+        # existed is delivered now, to the handler, instead of killing us.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
         async def work() -> None:
             async for message in store.consume(recover_interval=0.5):
@@ -118,6 +121,7 @@ for line in sys.stdin:
     if command == "start":
         pid = os.fork()
         if pid == 0:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             code = 0
             try:
                 err = os.open(ERRORS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
