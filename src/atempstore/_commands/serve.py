@@ -1,16 +1,130 @@
-"""`atempstore serve`: not implemented yet."""
+"""`atempstore serve [DIR] [--cache CACHE_DIR] [--max-size 1G] [--host H] [--port P] [--demo]`.
+
+Serves the files under DIR over HTTP through a FileCache (see ``_serve.py``).
+``--demo`` creates a directory of large files (under the system temp dir
+unless DIR is given), serves it and exercises it once; ``--exit-after``
+stops gracefully after that many seconds, so CI can run the README's command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import sys
 from typing import Any
+
+from .._serve import parse_size
+
+__all__ = ("add_parser", "run")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
 
 
 def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser("serve", help="(not implemented yet)")
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "serve",
+        help="serve DIR over HTTP through the copy-while-serving cache",
+        description=(
+            "Serve the files under DIR over HTTP (GET, HEAD, Range, ETag, conditional"
+            " requests) through a FileCache: the first download of a file copies it into"
+            " the cache while it streams; later ones come from the cache."
+        ),
+    )
+    parser.add_argument(
+        "directory", metavar="DIR", nargs="?", help="the directory to serve (optional with --demo)"
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="CACHE_DIR",
+        help="the cache directory (default: ${XDG_CACHE_HOME:-~/.cache}/atempstore/serve;"
+        " with --demo and no DIR, one beside the demo files)",
+    )
+    parser.add_argument(
+        "--max-size", type=_size, default="1G", metavar="SIZE", help="cache size (default 1G)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks one)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="create demo files (in a new directory under the system temp dir, removed at exit,"
+        " unless DIR is given), serve them and exercise the server once",
+    )
+    parser.add_argument(
+        "--exit-after", type=_seconds, metavar="SECONDS", help="stop gracefully after SECONDS"
+    )
+    parser.add_argument(
+        "--grace",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="on stop, how long downloads in progress may finish before they are cut (default 5)",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("atempstore serve: not implemented yet")
-    return 2
+    """Run ``atempstore serve``; returns the exit status."""
+    if args.directory is None and not args.demo:
+        print("atempstore serve: pass the directory to serve (or --demo)", file=sys.stderr)
+        return 2
+    try:
+        import starlette  # noqa: F401 - only checking that the extra is installed
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        print(
+            f"atempstore serve needs Starlette and uvicorn ({exc.name} is missing):"
+            " pip install 'atempstore[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .._serve import run as serve
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    access = logging.getLogger("atempstore.serve")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    try:
+        return asyncio.run(
+            serve(
+                args.directory,
+                cache_dir=args.cache,
+                max_size=args.max_size,
+                host=args.host,
+                port=args.port,
+                demo=args.demo,
+                exit_after=args.exit_after,
+                grace=args.grace,
+                say=say,
+            )
+        )
+    except (OSError, ValueError) as exc:
+        print(f"atempstore serve: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        access.removeHandler(handler)

@@ -1,0 +1,631 @@
+"""`atempstore serve`: a real uvicorn server on 127.0.0.1, real httpx clients, real files."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from atempstore import FileCache
+from atempstore._serve import FileServer, Unsatisfiable, parse_range, parse_size
+
+from .conftest import REPO, run_python
+
+MiB = 1 << 20
+BIG = 32 * MiB
+SECRET = b"TOPSECRET outside the served directory"
+
+
+@pytest.fixture(scope="module")
+def payload() -> bytes:
+    return os.urandom(BIG)
+
+
+@dataclass
+class Tree:
+    root: Path
+    cache: Path
+    big: Path
+    payload: bytes
+
+
+@pytest.fixture
+def tree(tmp_path: Path, payload: bytes) -> Tree:
+    root = tmp_path / "www"
+    (root / "sub" / "deep").mkdir(parents=True)
+    big = root / "big.bin"
+    big.write_bytes(payload)
+    (root / "small.txt").write_text("hello\n")
+    (root / "empty.bin").write_bytes(b"")
+    (root / "sub" / "deep" / "file.txt").write_text("deep\n")
+    (root / ".env").write_bytes(SECRET)
+    (root / "sub" / ".git").mkdir()
+    (root / "sub" / ".git" / "config").write_bytes(SECRET)
+    (tmp_path / "outside.txt").write_bytes(SECRET)
+    (tmp_path / "outside_dir").mkdir()
+    (tmp_path / "outside_dir" / "secret.txt").write_bytes(SECRET)
+    (root / "link-in.bin").symlink_to("big.bin")
+    (root / "link-out.txt").symlink_to("../outside.txt")
+    (root / "link-abs.txt").symlink_to(tmp_path / "outside.txt")
+    (root / "dir-out").symlink_to("../outside_dir")
+    (root / "link-hidden").symlink_to(".env")
+    os.mkfifo(root / "pipe")
+    return Tree(root, tmp_path / "cache", big, payload)
+
+
+@pytest.fixture
+async def server(tree: Tree) -> AsyncIterator[FileServer]:
+    async with FileServer(tree.root, cache_dir=tree.cache, port=0) as running:
+        yield running
+
+
+@pytest.fixture
+async def client(server: FileServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+async def raw_request(port: int, target: str, method: str = "GET") -> tuple[int, bytes]:
+    """Send ``target`` byte for byte: httpx would normalize ``..`` away."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        request = f"{method} {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        writer.write(request.encode("latin-1"))
+        response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+async def download(client: httpx.AsyncClient, path: str) -> tuple[int, str, int]:
+    digest = hashlib.sha256()
+    n = 0
+    async with client.stream("GET", path) as response:
+        async for chunk in response.aiter_raw():
+            digest.update(chunk)
+            n += len(chunk)
+    return response.status_code, digest.hexdigest(), n
+
+
+# --------------------------------------------------------------------------
+# Downloads
+
+
+async def test_get_whole_file(tree: Tree, client: httpx.AsyncClient) -> None:
+    status, digest, n = await download(client, "/big.bin")
+    assert (status, n, digest) == (200, BIG, sha(tree.payload))
+    response = await client.get("/small.txt")
+    assert response.content == b"hello\n"
+    st = tree.root.joinpath("small.txt").stat()
+    assert response.headers["content-length"] == "6"
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["etag"] == f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+    assert response.headers["last-modified"] == email.utils.formatdate(
+        st.st_mtime_ns // 10**9, usegmt=True
+    )
+    assert (await client.get("/sub/deep/file.txt")).content == b"deep\n"
+    empty = await client.get("/empty.bin")
+    assert (empty.status_code, empty.content, empty.headers["content-length"]) == (200, b"", "0")
+    # A symlink to a file inside DIR is that file.
+    assert sha((await client.get("/link-in.bin")).content) == sha(tree.payload)
+
+
+async def test_32_concurrent_clients_get_exact_bytes_from_one_copy(
+    tree: Tree, server: FileServer, client: httpx.AsyncClient
+) -> None:
+    results = await asyncio.gather(*(download(client, "/big.bin") for _ in range(32)))
+    assert results == [(200, sha(tree.payload), BIG)] * 32
+    stats = server.cache.stats()
+    assert stats["copies"] == 1, stats
+    assert stats["published"] == 1, stats
+    assert stats["copied_bytes"] == BIG, stats
+    cached = [p for p in os.listdir(tree.cache) if not p.startswith(".")]
+    assert len(cached) == 1
+    assert sha(tree.cache.joinpath(cached[0]).read_bytes()) == sha(tree.payload)
+    # And once cached, it is served from the cache.
+    status, digest, _ = await download(client, "/big.bin")
+    assert (status, digest) == (200, sha(tree.payload))
+    assert server.cache.stats()["hits"] == 1
+
+
+@pytest.mark.parametrize("cold", [True, False])
+async def test_ranges_at_start_middle_and_end(
+    tree: Tree, server: FileServer, client: httpx.AsyncClient, cold: bool
+) -> None:
+    data = tree.payload
+    if not cold:
+        await download(client, "/big.bin")
+    cases = [
+        ("bytes=0-99", 0, 100),
+        ("bytes=1000-1999", 1000, 2000),
+        (f"bytes={BIG // 2}-{BIG // 2 + 3 * MiB - 1}", BIG // 2, BIG // 2 + 3 * MiB),
+        ("bytes=-100", BIG - 100, BIG),
+        (f"bytes={BIG - 10}-", BIG - 10, BIG),
+        (f"bytes={BIG - 10}-{BIG * 2}", BIG - 10, BIG),  # clipped to the end
+        ("bytes=0-0", 0, 1),
+        (f"bytes=-{BIG * 2}", 0, BIG),  # a suffix longer than the file: all of it
+    ]
+    for header, start, stop in cases:
+        response = await client.get("/big.bin", headers={"Range": header})
+        assert response.status_code == 206, header
+        assert response.headers["content-range"] == f"bytes {start}-{stop - 1}/{BIG}", header
+        assert response.headers["content-length"] == str(stop - start)
+        assert response.content == data[start:stop], header
+    # A range near the end of a cold file does not wait for the copy.
+    assert server.cache.stats()["copies"] == 1
+
+
+async def test_unsatisfiable_ranges_get_416(client: httpx.AsyncClient) -> None:
+    for path, header, size in [
+        ("/big.bin", f"bytes={BIG}-", BIG),
+        ("/big.bin", f"bytes={BIG + 5}-{BIG + 10}", BIG),
+        ("/big.bin", "bytes=-0", BIG),
+        ("/empty.bin", "bytes=0-", 0),
+        ("/empty.bin", "bytes=-5", 0),
+    ]:
+        response = await client.get(path, headers={"Range": header})
+        assert response.status_code == 416, header
+        assert response.headers["content-range"] == f"bytes */{size}"
+
+
+async def test_ranges_that_are_ignored_send_the_whole_file(
+    tree: Tree, client: httpx.AsyncClient
+) -> None:
+    small = b"hello\n"
+    for header in ["bytes=0-1,3-4", "bytes=5-2", "items=0-1", "bytes=a-b", "bytes=-", "0-1"]:
+        response = await client.get("/small.txt", headers={"Range": header})
+        assert (response.status_code, response.content) == (200, small), header
+    etag = (await client.head("/small.txt")).headers["etag"]
+    partial = await client.get("/small.txt", headers={"Range": "bytes=1-2", "If-Range": etag})
+    assert (partial.status_code, partial.content) == (206, b"el")
+    stale = await client.get("/small.txt", headers={"Range": "bytes=1-2", "If-Range": '"0-0"'})
+    assert (stale.status_code, stale.content) == (200, small)
+
+
+async def test_head_sends_headers_only_and_starts_no_copy(
+    tree: Tree, server: FileServer, client: httpx.AsyncClient
+) -> None:
+    head = await client.head("/big.bin")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(BIG)
+    ranged = await client.head("/big.bin", headers={"Range": "bytes=10-19"})
+    assert ranged.status_code == 206
+    assert ranged.headers["content-length"] == "10"
+    assert server.cache.stats()["opens"] == 0  # HEAD never starts a copy
+    get = await client.get("/big.bin", headers={"Range": "bytes=0-0"})
+    assert head.headers["etag"] == get.headers["etag"]
+    assert head.headers["last-modified"] == get.headers["last-modified"]
+    async with server.cache.open(tree.big) as f:
+        assert f.etag == head.headers["etag"]  # one validator, whoever computes it
+
+
+async def test_conditional_requests(tree: Tree, client: httpx.AsyncClient) -> None:
+    first = await client.get("/small.txt")
+    etag = first.headers["etag"]
+    modified = first.headers["last-modified"]
+    for headers in [
+        {"If-None-Match": etag},
+        {"If-None-Match": f'"other", {etag}'},
+        {"If-None-Match": f"W/{etag}"},
+        {"If-None-Match": "*"},
+        {"If-Modified-Since": modified},
+        {"If-Modified-Since": email.utils.formatdate(time.time() + 3600, usegmt=True)},
+    ]:
+        response = await client.get("/small.txt", headers=headers)
+        assert response.status_code == 304, headers
+        assert response.content == b""
+        assert response.headers["etag"] == etag
+    head = await client.head("/small.txt", headers={"If-None-Match": etag})
+    assert head.status_code == 304
+    for headers in [
+        {"If-None-Match": '"other"'},
+        {"If-Modified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+        {"If-Modified-Since": "not a date"},
+        # If-None-Match wins over If-Modified-Since.
+        {"If-None-Match": '"other"', "If-Modified-Since": modified},
+    ]:
+        response = await client.get("/small.txt", headers=headers)
+        assert (response.status_code, response.content) == (200, b"hello\n"), headers
+    for headers in [
+        {"If-Match": '"other"'},
+        {"If-Match": f"W/{etag}"},  # If-Match compares strongly
+        {"If-Unmodified-Since": "Thu, 01 Jan 1970 00:00:00 GMT"},
+    ]:
+        assert (await client.get("/small.txt", headers=headers)).status_code == 412, headers
+    assert (await client.get("/small.txt", headers={"If-Match": etag})).status_code == 200
+    # Changed: the old validator no longer matches, and the new bytes come.
+    path = tree.root / "small.txt"
+    path.write_text("changed\n")
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 5 * 10**9))
+    response = await client.get("/small.txt", headers={"If-None-Match": etag})
+    assert (response.status_code, response.content) == (200, b"changed\n")
+    assert response.headers["etag"] != etag
+
+
+# --------------------------------------------------------------------------
+# What is not served
+
+
+TRAVERSALS = [
+    "/../outside.txt",
+    "/%2e%2e/outside.txt",
+    "/%2E%2E/outside.txt",
+    "/..%2foutside.txt",
+    "/%2e%2e%2foutside.txt",
+    "/sub/../../outside.txt",
+    "/sub/%2e%2e/%2e%2e/outside.txt",
+    "/sub/deep/../../../outside.txt",
+    "/link-out.txt",
+    "/link-abs.txt",
+    "/dir-out/secret.txt",
+    "/dir-out/",
+    "/.env",
+    "/link-hidden",
+    "/sub/.git/config",
+    "/%2eenv",
+    "/sub/%2egit/config",
+]
+
+
+async def test_traversal_attempts_are_refused(
+    tree: Tree, server: FileServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.serve")
+    for target in TRAVERSALS:
+        status, body = await raw_request(server.port, target)
+        assert status in (403, 404), (target, status)
+        assert SECRET not in body, target
+    statuses = {t: (await raw_request(server.port, t))[0] for t in TRAVERSALS}
+    assert statuses["/../outside.txt"] == 403
+    assert statuses["/%2e%2e/outside.txt"] == 403
+    assert statuses["/link-out.txt"] == 403
+    assert statuses["/dir-out/secret.txt"] == 403
+    assert statuses["/.env"] == 404
+    # An absolute path in the URL is still taken below DIR.
+    absolute = "/" + str(tree.root.parent / "outside.txt").lstrip("/")
+    status, body = await raw_request(server.port, "/" + absolute)
+    assert status == 404
+    assert SECRET not in body
+    assert (await raw_request(server.port, "/small%00.txt"))[0] == 400
+    assert server.cache.stats()["opens"] == 0
+    refused = [r.getMessage() for r in caplog.records if " 403 " in r.getMessage()]
+    assert any("/%2e%2e/outside.txt 403" in line for line in refused), refused
+
+
+async def test_missing_odd_and_listed(
+    tree: Tree, server: FileServer, client: httpx.AsyncClient
+) -> None:
+    assert (await client.get("/nope.bin")).status_code == 404
+    assert (await client.get("/small.txt/x")).status_code == 404
+    # A FIFO would block a reader forever: refused at once.
+    assert (await asyncio.wait_for(client.get("/pipe"), 10)).status_code == 404
+    assert (await client.post("/small.txt")).status_code == 405
+    listing = await client.get("/")
+    assert listing.status_code == 200
+    assert listing.headers["content-type"] == "text/html; charset=utf-8"
+    assert 'href="/sub/"' in listing.text
+    assert 'href="/big.bin"' in listing.text
+    assert ".env" not in listing.text
+    sub = await client.get("/sub/")
+    assert 'href="/sub/deep/"' in sub.text
+    assert ".git" not in sub.text
+    # Permission denied by the file system is 403 (root reads anything: make it a dir).
+    os.chmod(tree.root / "sub" / "deep", 0)
+    try:
+        if os.geteuid() != 0:
+            assert (await client.get("/sub/deep/file.txt")).status_code == 403
+    finally:
+        os.chmod(tree.root / "sub" / "deep", 0o755)
+
+
+async def test_one_log_line_per_request(
+    server: FileServer, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.serve")
+    await client.get("/big.bin")
+    await client.get("/big.bin", headers={"Range": "bytes=0-9"})
+    await client.get("/nope")
+    lines = [r.getMessage() for r in caplog.records if r.name == "atempstore.serve"]
+    assert len(lines) == 3, lines
+    pattern = r"127\.0\.0\.1:\d+ GET {} {} {} B [0-9.]+ ms"
+    assert re.match(pattern.format("/big.bin", 200, BIG), lines[0]), lines[0]
+    assert lines[0].endswith((" copy", " cache")), lines[0]
+    assert re.match(pattern.format("/big.bin", 206, 10), lines[1]), lines[1]
+    assert re.match(pattern.format("/nope", 404, len(b"404 not found\n")), lines[2]), lines[2]
+
+
+async def test_client_hanging_up_stops_the_stream(
+    server: FileServer, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.serve")
+    async with (
+        httpx.AsyncClient(base_url=server.url) as leaver,
+        leaver.stream("GET", "/big.bin") as response,
+    ):
+        async for _ in response.aiter_raw():
+            break  # hang up after the first chunk
+    deadline = time.monotonic() + 10
+    while not any("client went away" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+        await asyncio.sleep(0.02)
+    line = next(r.getMessage() for r in caplog.records if "client went away" in r.getMessage())
+    sent = int(line.split()[4])
+    assert sent < BIG
+    # The server is fine, and the copy went on without the client.
+    assert (await client.get("/small.txt")).status_code == 200
+    async with server.cache.open(server.root + "/big.bin") as f:
+        assert await f.wait_cached()
+
+
+async def test_no_blocking_io_on_the_loop(tree: Tree, no_blocking_io: list[str]) -> None:
+    async with (
+        FileServer(tree.root, cache_dir=tree.cache, port=0) as server,
+        httpx.AsyncClient(base_url=server.url) as c,
+    ):
+        assert (await c.get("/big.bin")).status_code == 200
+        assert (await c.get("/big.bin", headers={"Range": "bytes=-10"})).status_code == 206
+        head = await c.head("/big.bin")
+        etag = head.headers["etag"]
+        assert (await c.get("/big.bin", headers={"If-None-Match": etag})).status_code == 304
+        assert (await c.get("/")).status_code == 200
+        assert (await c.get("/link-in.bin")).status_code == 200
+        assert (await c.get("/link-out.txt")).status_code == 403
+        assert (await c.get("/nope")).status_code == 404
+        assert (await raw_request(server.port, "/%2e%2e/outside.txt"))[0] == 403
+    assert no_blocking_io == []
+
+
+async def test_stop_closes_the_cache(tree: Tree) -> None:
+    server = FileServer(tree.root, cache_dir=tree.cache, port=0, grace=1)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.url) as c:
+        assert (await c.get("/big.bin", headers={"Range": "bytes=0-9"})).status_code == 206
+    began = time.monotonic()
+    await server.stop()
+    assert time.monotonic() - began < 3
+    with pytest.raises(RuntimeError, match="closed"):
+        await server.cache.open(tree.big)
+    assert [p for p in os.listdir(tree.cache) if p.endswith((".part", ".tmp"))] == []
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient(base_url=server.url) as c:
+            await c.get("/small.txt")
+    await server.stop()  # a second stop does nothing
+
+
+# --------------------------------------------------------------------------
+# Pure parts
+
+
+def test_parse_range() -> None:
+    assert parse_range(None, 10) is None
+    assert parse_range("bytes=0-4", 10) == (0, 5)
+    assert parse_range("bytes = 2 - ", 10) == (2, 10)
+    assert parse_range("BYTES=-3", 10) == (7, 10)
+    assert parse_range("bytes=8-100", 10) == (8, 10)
+    assert parse_range("bytes=0-1, 4-5", 10) is None
+    assert parse_range("bytes=٣-4", 10) is None  # only ASCII digits
+    for bad in ("bytes=10-", "bytes=10-12", "bytes=-0"):
+        with pytest.raises(Unsatisfiable):
+            parse_range(bad, 10)
+
+
+def test_parse_size() -> None:
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == 3 << 29
+    assert parse_size("100kb") == 100 << 10
+    assert parse_size("4096") == 4096
+    for bad in ("", "G", "-1G", "1X", "0"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+# --------------------------------------------------------------------------
+# The command
+
+
+def cli(*args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "atempstore.cli", "serve", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_url(proc: subprocess.Popen[str]) -> tuple[str, list[str]]:
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        match = re.match(r"serving (.*) at (http://\S+)", line)
+        if match:
+            return match[2], seen
+    proc.wait(10)
+    raise AssertionError(f"no URL printed: {seen} {proc.stderr.read() if proc.stderr else ''}")
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.multiprocess
+def test_demo_runs_checks_itself_and_cleans_up(children: list[subprocess.Popen[str]]) -> None:
+    proc = cli("--demo", "--port", "0", "--exit-after", "0.2")
+    children.append(proc)
+    url, seen = wait_for_url(proc)
+    out, err = proc.communicate(timeout=60)
+    lines = seen + out.splitlines()
+    assert proc.returncode == 0, (lines, err)
+    checks = [line for line in lines if line.startswith("demo:") and line.rstrip().endswith("ok")]
+    assert len(checks) >= 6, lines
+    assert not any("WRONG" in line for line in lines)
+    assert any(re.search(r"GET /large-64MiB\.bin 200 67108864 B .* copy", line) for line in lines)
+    assert any("GET /%2e%2e/outside.txt 403" in line for line in lines)
+    served = Path(re.match(r"serving (.*) at", seen[-1])[1])  # type: ignore[index]
+    assert not served.parent.exists(), "the demo directory was left behind"
+    assert url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.multiprocess
+def test_serve_dir_then_sigterm_stops_gracefully(
+    tree: Tree, children: list[subprocess.Popen[str]]
+) -> None:
+    proc = cli(str(tree.root), "--cache", str(tree.cache), "--port", "0", "--max-size", "64M")
+    children.append(proc)
+    url, _ = wait_for_url(proc)
+    with httpx.Client(base_url=url) as c:
+        response = c.get("/big.bin")
+        assert sha(response.content) == sha(tree.payload)
+        assert c.get("/big.bin", headers={"Range": "bytes=5-9"}).content == tree.payload[5:10]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, (out, err)
+    assert "GET /big.bin 200 33554432 B" in out
+    assert "GET /big.bin 206 5 B" in out
+    assert out.rstrip().endswith("stopped")
+    assert err == ""
+
+
+@pytest.mark.multiprocess
+def test_stop_cuts_slow_downloads_after_the_grace(
+    tree: Tree, children: list[subprocess.Popen[str]]
+) -> None:
+    proc = cli(str(tree.root), "--cache", str(tree.cache), "--port", "0", "--grace", "1")
+    children.append(proc)
+    url, _ = wait_for_url(proc)
+    got = 0
+    with httpx.Client(base_url=url, timeout=30) as c, c.stream("GET", "/big.bin") as response:
+        stream = response.iter_raw(64 * 1024)
+        got += len(next(stream))
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in stream:  # a slow reader: the server waits `--grace`, then cuts
+                got += len(chunk)
+                time.sleep(0.01)
+    out, err = proc.communicate(timeout=15)
+    assert time.monotonic() - began < 6
+    assert proc.returncode == 0, (out, err)
+    assert got < BIG
+    assert "cancelled (server stopping)" in out
+    assert [p for p in os.listdir(tree.cache) if p.endswith((".part", ".tmp"))] == []
+
+
+@pytest.mark.multiprocess
+@pytest.mark.faults
+def test_exit_after_cancels_a_copy_in_progress_cleanly(
+    tree: Tree, children: list[subprocess.Popen[str]]
+) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    # Every copy_file_range takes 300 ms more: the 32 MiB copy would last ~4 s.
+    command = ["strace", "-f", "-qq", "-o", "/dev/null"]
+    command += ["-e", "inject=copy_file_range:delay_exit=300000"]
+    command += [sys.executable, "-m", "atempstore.cli", "serve", str(tree.root)]
+    command += ["--cache", str(tree.cache), "--port", "0", "--exit-after", "1"]
+    proc = subprocess.Popen(
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    children.append(proc)
+    url, _ = wait_for_url(proc)
+    with httpx.Client(base_url=url) as c:
+        # A range of the first bytes: answered as soon as the copy has them,
+        # and the copy goes on after the response.
+        assert c.get("/big.bin", headers={"Range": "bytes=0-9"}).content == tree.payload[:10]
+    began = time.monotonic()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, (out, err)
+    assert time.monotonic() - began < 4
+    leftovers = sorted(os.listdir(tree.cache))
+    assert [p for p in leftovers if not p.startswith(".")] == [], "a partial copy was published"
+    assert [p for p in leftovers if p.endswith((".part", ".tmp"))] == [], leftovers
+
+    async def usage() -> int:
+        async with FileCache(tree.cache) as cache:
+            return await cache.usage()
+
+    assert asyncio.run(usage()) == 0
+
+
+@pytest.mark.multiprocess
+def test_errors_are_reported_plainly(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "atempstore.cli", "serve", *args]
+        return subprocess.run(command, env=env, text=True, capture_output=True, timeout=30)
+
+    missing = run(str(tmp_path / "nope"), "--port", "0")
+    assert missing.returncode == 1
+    assert "no such directory" in missing.stderr
+    inside = run(str(tmp_path), "--cache", str(tmp_path / "c"), "--port", "0")
+    assert inside.returncode == 1
+    assert "inside the served directory" in inside.stderr
+    assert run().returncode == 2
+    assert run(str(tmp_path), "--max-size", "lots").returncode == 2
+    with socket_in_use() as port:
+        busy = run(str(tmp_path), "--cache", str(tmp_path.parent / "c2"), "--port", str(port))
+    assert busy.returncode == 1
+    assert "address already in use" in busy.stderr.lower()
+    assert "Traceback" not in missing.stderr + inside.stderr + busy.stderr
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import sys
+        sys.modules["uvicorn"] = None  # as if not installed
+        from atempstore.cli import main
+        sys.exit(main(["serve", sys.argv[1]]))
+        """,
+        str(tmp_path),
+    )
+    assert result.returncode == 2
+    assert "pip install 'atempstore[serve]'" in result.stderr
+    assert "uvicorn" in result.stderr
+
+
+class socket_in_use:
+    """A port some other program listens on."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        port: int = self.sock.getsockname()[1]
+        return port
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
