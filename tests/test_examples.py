@@ -1,0 +1,71 @@
+"""Every example in examples/ runs as it is and does what it says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+EXAMPLES = REPO / "examples"
+
+
+def run_example(name: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run ``examples/<name>`` as a user would; return its output, fail on a bad exit."""
+    environment = dict(os.environ, PYTHONPATH=str(REPO / "src"), **(env or {}))
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=environment,
+        text=True,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{name} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    )
+    return result.stdout
+
+
+@pytest.mark.multiprocess
+def test_worker_pool_loses_nothing_when_a_worker_is_killed() -> None:
+    out = run_example("worker_pool.py")
+    assert "killed worker 0 (SIGKILL)" in out
+    assert "0 lost" in out
+    assert "left in the queue: {'tmp': 0, 'new': 0, 'cur': 0}" in out
+
+
+def test_stream_file_shares_one_copy_between_readers() -> None:
+    out = run_example("stream_file.py", "--size-mib", "8", "--rate-mb", "40")
+    lines = out.splitlines()
+    readers = [line for line in lines if " from " in line and "first byte" in line]
+    assert len(readers) == 5, out
+    assert "copies: 1, cache hits: 1" in out
+    assert "(opened in cache mode)" in readers[-1]
+
+
+def test_web_handler_uploads_and_downloads() -> None:
+    out = run_example("web_handler.py")
+    assert out.rstrip().endswith("all as expected"), out
+    assert "PUT /files/data.bin (24 MiB, with its sha256)    -> 201" in out
+    assert "with Range: bytes=1000-1999  -> 206" in out
+
+
+def test_web_handler_publishes_uploads_across_file_systems(tmp_path: Path) -> None:
+    # Temp files on another file system than the served directory: the
+    # rename fails with EXDEV, and the upload is copied with open_atomic.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no tmpfs on another device than the temp dir")
+    temp_base = shm / f"atempstore-test-{os.getpid()}"
+    try:
+        out = run_example("web_handler.py", env={"ATEMPSTORE_TEMPDIR": str(temp_base)})
+        assert out.rstrip().endswith("all as expected"), out
+        # The temp file manager cleaned up after itself.
+        assert [p for p in temp_base.rglob("*") if p.is_file() and p.name != ".lock"] == []
+    finally:
+        subprocess.run(["rm", "-rf", str(temp_base)], check=False)
