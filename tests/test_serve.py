@@ -319,6 +319,7 @@ async def test_missing_odd_and_listed(
 ) -> None:
     assert (await client.get("/nope.bin")).status_code == 404
     assert (await client.get("/small.txt/x")).status_code == 404
+    assert (await client.get("/small.txt/")).status_code == 404
     # A FIFO would block a reader forever: refused at once.
     assert (await asyncio.wait_for(client.get("/pipe"), 10)).status_code == 404
     assert (await client.post("/small.txt")).status_code == 405
@@ -577,6 +578,43 @@ def test_exit_after_cancels_a_copy_in_progress_cleanly(
             return await cache.usage()
 
     assert asyncio.run(usage()) == 0
+
+
+@pytest.mark.multiprocess
+@pytest.mark.faults
+def test_file_changing_mid_download_cuts_the_connection_never_mixes_bytes(
+    tree: Tree, children: list[subprocess.Popen[str]]
+) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    command = ["strace", "-f", "-qq", "-o", "/dev/null"]
+    command += ["-e", "inject=copy_file_range:delay_exit=200000"]
+    command += [sys.executable, "-m", "atempstore.cli", "serve", str(tree.root)]
+    command += ["--cache", str(tree.cache), "--port", "0", "--exit-after", "1"]
+    proc = subprocess.Popen(
+        command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    children.append(proc)
+    url, _ = wait_for_url(proc)
+    got = bytearray()
+    with httpx.Client(base_url=url, timeout=30) as c, c.stream("GET", "/big.bin") as response:
+        assert response.headers["content-length"] == str(BIG)
+        chunks = response.iter_raw()
+        got += next(chunks)
+        # Rewritten in place while the copy runs (same size, new mtime).
+        with open(tree.big, "r+b") as f:
+            f.write(b"\0" * MiB)
+        os.utime(tree.big, ns=(0, tree.big.stat().st_mtime_ns + 10**9))
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in chunks:
+                got += chunk
+    assert 0 < len(got) < BIG
+    assert bytes(got) == tree.payload[: len(got)], "bytes of two versions were mixed"
+    out, _ = proc.communicate(timeout=30)
+    assert "GET /big.bin 200" in out
+    assert "(aborted: the source" in out
+    assert [p for p in os.listdir(tree.cache) if not p.startswith(".")] == []
 
 
 @pytest.mark.multiprocess

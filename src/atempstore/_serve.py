@@ -441,6 +441,10 @@ class _Endpoint:
             if isinstance(found, _Listing):
                 await _listing(send, ex, rel, found, head)
                 return
+            if rel.endswith("/"):
+                ex.note = "not a directory"
+                await _plain(send, ex, 404, "not a directory", head)
+                return
             if await self._file(send, receive, ex, found, method, headers):
                 return
         ex.note = "the file keeps changing"
@@ -473,7 +477,7 @@ class _Endpoint:
             return True
         size = found.size
         try:
-            span = parse_range(headers.get("range"), size) if method == "GET" or head else None
+            span = parse_range(headers.get("range"), size)
         except Unsatisfiable:
             span = None
             if _range_applies(headers, etag, mtime):
@@ -694,7 +698,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server_class() -> type[uvicorn.Server]:
+def _make_server(config: uvicorn.Config, handle_signals: bool) -> uvicorn.Server:
     import uvicorn
 
     class _Server(uvicorn.Server):
@@ -704,7 +708,9 @@ def _server_class() -> type[uvicorn.Server]:
         process before the caller's own cleanup (the demo directory) runs.
         """
 
-        handle_signals = False
+        def __init__(self, config: uvicorn.Config, handle_signals: bool) -> None:
+            super().__init__(config)
+            self.handle_signals = handle_signals
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -725,7 +731,7 @@ def _server_class() -> type[uvicorn.Server]:
                 self.force_exit = True  # a second Ctrl-C: stop waiting for downloads
             self.should_exit = True
 
-    return _Server
+    return _Server(config, handle_signals)
 
 
 class FileServer:
@@ -796,19 +802,23 @@ class FileServer:
         except BaseException:
             await cache.aclose()
             raise
+        try:
+            self.port = sock.getsockname()[1]
+            app = create_app(self.root, cache=cache, logger=self.logger)
+            config = uvicorn.Config(
+                app,
+                lifespan="on",
+                log_config=None,
+                log_level="warning",
+                access_log=False,  # ours says more: bytes, time, cache mode
+                timeout_graceful_shutdown=math.ceil(self.grace),
+            )
+            server = _make_server(config, self.handle_signals)
+        except BaseException:
+            sock.close()
+            await cache.aclose()
+            raise
         self._cache = cache
-        self.port = sock.getsockname()[1]
-        app = create_app(self.root, cache=cache, logger=self.logger)
-        config = uvicorn.Config(
-            app,
-            lifespan="on",
-            log_config=None,
-            log_level="warning",
-            access_log=False,  # ours is better: bytes, time, cache mode
-            timeout_graceful_shutdown=math.ceil(self.grace),
-        )
-        server = _server_class()(config)
-        server.handle_signals = self.handle_signals  # type: ignore[attr-defined]
         self._server = server
 
         async def run() -> None:
@@ -828,6 +838,11 @@ class FileServer:
                 task.result()
                 raise RuntimeError("the HTTP server stopped at startup")
             await asyncio.sleep(0.005)
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked (a signal or `stop`)."""
+        return self._server is not None and self._server.should_exit
 
     async def wait(self) -> None:
         """Wait until the server stops (a signal, or `stop` from another task)."""
@@ -1028,8 +1043,14 @@ async def run(
             )
             ok = True
             if demo:
-                ok = await _exercise(server, say)
-                say(f"demo: try it: curl -o /dev/null {server.url}{_DEMO_FILES[0][0]}")
+                try:
+                    ok = await _exercise(server, say)
+                except (OSError, asyncio.IncompleteReadError):
+                    if not server.stopping:
+                        raise
+                    say("demo: interrupted")  # Ctrl-C while it ran
+                else:
+                    say(f"demo: try it: curl -o /dev/null {server.url}{_DEMO_FILES[0][0]}")
             with anyio.move_on_after(exit_after):
                 await server.wait()
         say("stopped")

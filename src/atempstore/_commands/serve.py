@@ -126,5 +126,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"atempstore serve: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signal
+        return 130
     finally:
         access.removeHandler(handler)
