@@ -22,6 +22,7 @@ from ._errors import SourceChangedError as SourceChangedError
 from ._errors import UnsafeDirectoryError as UnsafeDirectoryError
 from ._filestore import FileStore as FileStore
 from ._filestore import Message as Message
+from ._filestore import QueueStatus as QueueStatus
 from ._locks import LOCK_EX as LOCK_EX
 from ._locks import LOCK_NB as LOCK_NB
 from ._locks import LOCK_SH as LOCK_SH
@@ -60,6 +61,7 @@ __all__ = (
     "Message",
     "NoUsableDirectoryError",
     "PathOutsideStoreError",
+    "QueueStatus",
     "SessionStorage",
     "SessionStorageRepository",
     "Source",
