@@ -505,8 +505,13 @@ class _Endpoint:
             return True
         try:
             f = await self.state.cache.open(found.path)
-        except (FileNotFoundError, NotADirectoryError, SourceChangedError):
-            return False  # gone or changing since we looked: look again
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, SourceChangedError):
+            return False  # gone, replaced or changing since we looked: look again
+        except OSError as exc:
+            status, reason = _os_error_status(exc)
+            ex.note = reason
+            await _plain(send, ex, status, reason, head)
+            return True
         try:
             if f.key != found.path or f.etag != etag:
                 # The cache opened another file or version than we checked
