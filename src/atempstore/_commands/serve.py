@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -68,8 +69,15 @@ def add_parser(commands: Any) -> None:
         help="create demo files (in a new directory under the system temp dir, removed at exit,"
         " unless DIR is given), serve them and exercise the server once",
     )
+    # The environment default lets CI run the README's command exactly as written
+    # and still have it stop on its own.
+    exit_after = os.environ.get("ATEMPSTORE_SERVE_EXIT_AFTER")
     parser.add_argument(
-        "--exit-after", type=_seconds, metavar="SECONDS", help="stop gracefully after SECONDS"
+        "--exit-after",
+        type=_seconds,
+        default=_seconds(exit_after) if exit_after else None,
+        metavar="SECONDS",
+        help="stop gracefully after SECONDS (default: $ATEMPSTORE_SERVE_EXIT_AFTER, else never)",
     )
     parser.add_argument(
         "--grace",
