@@ -21,6 +21,8 @@ from .._paths import check_name
 from .._session import NEXT_FILE, SessionStorage, SessionStorageRepository
 from .._threads import run_sync
 
+__all__ = ("add_parser", "run")
+
 _HEADER = ("ID", "LAST SAVED (UTC)", "SIZE", "STATE")
 
 
