@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from atempstore import SessionStorage
+from atempstore import LockedStorageError, SessionStorage
 from atempstore._session import NEXT_FILE
 
 from .conftest import REPO, spawn_python
@@ -227,7 +227,7 @@ class Traced:
     threads: set[str]  # the ids of the threads that made them
 
 
-def traced_run(storage: SessionStorage, code: str, args: list[str], inject: str) -> Traced:
+def traced_run(storage: SessionStorage, code: str, args: list[str], *injects: str) -> Traced:
     """Run ``code`` (``sys.argv[1]`` is the storage, then ``args``) in a child
     under strace, tracing (and injecting into) only the storage's own paths."""
     assert STRACE is not None
@@ -237,7 +237,7 @@ def traced_run(storage: SessionStorage, code: str, args: list[str], inject: str)
     command = [STRACE, "--seccomp-bpf", "-f", "-qq", "-o", str(log)]
     command += [arg for path in paths for arg in ("-P", path)]
     command += ["-e", "trace=" + ",".join(TRACED)]
-    if inject:
+    for inject in injects:
         command += ["-e", f"inject={inject}"]
     command += [sys.executable, "-c", textwrap.dedent(code), location, *args]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -262,7 +262,7 @@ def save_sequence(tmp_path_factory: pytest.TempPathFactory) -> list[list[str]]:
     if STRACE is None:
         pytest.skip("strace is not installed")
     storage = asyncio.run(SessionStorage.create(tmp_path_factory.mktemp("dry")))
-    run = traced_run(storage, SAVER, [data.hex() for data in CHECKPOINTS], "")
+    run = traced_run(storage, SAVER, [data.hex() for data in CHECKPOINTS])
     assert run.stdout.split() == ["saved"] * 3
     # strace counts calls per thread: N means "the Nth in this sequence" only
     # because the saves run one after another in one reused worker thread.
@@ -366,6 +366,27 @@ def test_after_fsync_error_data_is_written_afresh(tmp_path: Path) -> None:
     assert "O_EXCL" in before[0]
     assert any(re.match(rf"write\(\d+, .*, {len(data)}\) += {len(data)}$", line) for line in before)
     assert asyncio.run(storage.load_checkpoint()) == data
+
+
+@needs_strace
+@pytest.mark.faults
+def test_failed_rollback_does_not_hide_the_real_error(tmp_path: Path) -> None:
+    # The rename fails (EIO) and so does removing the next file (EPERM): the
+    # caller must see the rename's EIO, not the clean-up's EPERM.  The leftover
+    # next then locks the storage until break_lock(); the old checkpoint is intact.
+    storage = asyncio.run(SessionStorage.create(tmp_path))
+    asyncio.run(storage.save_checkpoint(b"old"))
+    run = traced_run(
+        storage, SAVER, [b"new".hex()], "rename:error=EIO:when=1", "unlink:error=EPERM:when=1"
+    )
+    assert run.stdout.split() == ["error", str(errno.EIO), "OSError"]
+    assert [syscall(line) for line in run.calls if "(INJECTED)" in line] == ["rename", "unlink"]
+    assert asyncio.run(storage.load_checkpoint()) == b"old"
+    with pytest.raises(LockedStorageError):
+        asyncio.run(storage.save_checkpoint(b"new"))
+    assert asyncio.run(storage.break_lock()) is True
+    asyncio.run(storage.save_checkpoint(b"new"))
+    assert asyncio.run(storage.load_checkpoint()) == b"new"
 
 
 DUEL = """

@@ -26,6 +26,7 @@ rename and directory fsync come from ``_durable``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -398,7 +399,10 @@ def _save(location: str, data: bytes) -> None:
     except BaseException:
         # The next file is ours (it exists, so nobody else could have created
         # one); leaving it would lock every later save.
-        unlink_quietly(next_path)
+        # If that fails too, the caller still needs the rename's error; the
+        # leftover next file will then report itself as LockedStorageError.
+        with contextlib.suppress(OSError):
+            unlink_quietly(next_path)
         raise
     fsync_dir(location)
 
