@@ -62,6 +62,12 @@ from ._copysession import (
 from ._durable import temp_name, unlink_quietly
 from ._threads import run_sync
 
+_asyncinotify: Any
+try:  # imported here, not on first use: an import reads files, never on the loop
+    import asyncinotify as _asyncinotify
+except ImportError:  # not Linux: followers poll
+    _asyncinotify = None
+
 __all__ = ("CachedFile", "FileCache", "Source")
 
 _FINAL = re.compile(r"[0-9a-f]{32}")
@@ -555,17 +561,13 @@ class _Notifier:
 
     def start(self) -> None:
         """On the loop: inotify_init1 names no path."""
-        if self._inotify is not None or self._task is not None:
+        if self._inotify is not None or self._task is not None or _asyncinotify is None:
             return
         try:
-            from asyncinotify import Inotify, Mask
-        except ImportError:  # not Linux: followers poll
-            return
-        try:
-            self._inotify = Inotify()
+            self._inotify = _asyncinotify.Inotify()
         except OSError:  # out of inotify instances: followers poll
             return
-        self._mask = Mask.MODIFY
+        self._mask = _asyncinotify.Mask.MODIFY
         self.available = True
         self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
