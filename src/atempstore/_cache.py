@@ -667,7 +667,7 @@ class FileCache:
         max_size: int = 1 << 30,
         wait_window: int = 1 * MiB,
         chunk_size: int = 1 * MiB,
-        read_size: int = 1 * MiB,
+        read_size: int = 512 * 1024,
         finish_abandoned: bool = True,
         max_copies: int = 8,
         read_threads: int | None = None,
