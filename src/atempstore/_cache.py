@@ -62,11 +62,15 @@ from ._copysession import (
 from ._durable import temp_name, unlink_quietly
 from ._threads import run_sync
 
-_asyncinotify: Any
-try:  # imported here, not on first use: an import reads files, never on the loop
-    import asyncinotify as _asyncinotify
-except ImportError:  # not Linux: followers poll
-    _asyncinotify = None
+
+def _load_asyncinotify() -> Any:
+    """Import asyncinotify, in a worker thread: importing it reads files and runs
+    ``ldconfig`` (ctypes.util.find_library), which ``import atempstore`` must not."""
+    try:
+        import asyncinotify
+    except ImportError:  # not Linux: followers poll
+        return None
+    return asyncinotify
 
 __all__ = ("CachedFile", "FileCache", "Source")
 
@@ -559,15 +563,16 @@ class _Notifier:
         self._subscribers: dict[int, set[CopySession]] = {}
         self.available = False
 
-    def start(self) -> None:
-        """On the loop: inotify_init1 names no path."""
-        if self._inotify is not None or self._task is not None or _asyncinotify is None:
+    def start(self, asyncinotify: Any) -> None:
+        """On the loop: inotify_init1 names no path.  ``asyncinotify`` was imported
+        by `_load_asyncinotify` in a worker thread (None: followers poll)."""
+        if self._inotify is not None or self._task is not None or asyncinotify is None:
             return
         try:
-            self._inotify = _asyncinotify.Inotify()
+            self._inotify = asyncinotify.Inotify()
         except OSError:  # out of inotify instances: followers poll
             return
-        self._mask = _asyncinotify.Mask.MODIFY
+        self._mask = asyncinotify.Mask.MODIFY
         self.available = True
         self._task = asyncio.get_running_loop().create_task(self._dispatch())
 
@@ -740,13 +745,13 @@ class FileCache:
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
             if not self._ready:
-                cpus = await run_sync(_open_and_count_cpus, self._dir)
+                cpus, asyncinotify = await run_sync(_prepare, self._dir)
                 self._limiter = CapacityLimiter(self.max_copies)
                 # One core stays free for the event loop (and the copy thread):
                 # on 2 cores, 4 busy readers made the loop wait several ms.
                 threads = self.read_threads or max(1, min(4, cpus - 1))
                 self._read_limiter = CapacityLimiter(threads)
-                self._notifier.start()
+                self._notifier.start(asyncinotify)
                 self._ready = True
 
     def open(self, source: Source | str | os.PathLike[str]) -> _Opening:
@@ -976,10 +981,10 @@ class FileCache:
             await run_sync(self._dir.close)
 
 
-def _open_and_count_cpus(directory: _Directory) -> int:
+def _prepare(directory: _Directory) -> tuple[int, Any]:
+    """Open the cache directory; count CPUs (may read /sys); import asyncinotify."""
     directory.open()
-    # In the thread: os.cpu_count() may read /sys.
-    return os.cpu_count() or 2
+    return os.cpu_count() or 2, _load_asyncinotify()
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:

@@ -79,7 +79,10 @@ def write_new_file(
         finally:
             os.close(fd)
     except BaseException:
-        unlink_quietly(path)
+        # The caller needs the *original* error (ENOSPC, EIO...), so a failing
+        # clean-up must not replace it.
+        with contextlib.suppress(OSError):
+            unlink_quietly(path)
         raise
 
 
