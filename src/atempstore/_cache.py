@@ -72,6 +72,7 @@ def _load_asyncinotify() -> Any:
         return None
     return asyncinotify
 
+
 __all__ = ("CachedFile", "FileCache", "Source")
 
 _FINAL = re.compile(r"[0-9a-f]{32}")
