@@ -212,43 +212,6 @@ def _maildir_name(now: float) -> str:
 # Cancellation: state-changing hops always finish
 
 
-async def _finish(func: Callable[[], T], undo: Callable[[T], object] | None = None) -> T:
-    """Run ``func`` in a worker thread to its end, even if the task is cancelled.
-
-    Native asyncio cancellation does not wait for a worker thread: the thread
-    runs on and its result would be dropped.  Here the task waits for it, then
-    re-raises the cancellation; ``undo`` (if given) is applied to a result
-    that the cancelled caller will never see, such as a claim.
-    """
-    inner = asyncio.ensure_future(run_sync(func))
-    cancel: BaseException | None = None
-    while True:
-        try:
-            result = await asyncio.shield(inner)
-            break
-        except asyncio.CancelledError as exc:
-            if inner.cancelled():  # the loop itself is shutting down
-                raise
-            cancel = exc
-            if inner.done():
-                result = inner.result()
-                break
-    if cancel is not None:
-        if undo is not None:
-            fixup = asyncio.ensure_future(run_sync(undo, result))
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(fixup)
-            if not fixup.done():
-                # Cancelled again: keep the task referenced until it ends.
-                _background.add(fixup)
-                fixup.add_done_callback(_background.discard)
-        raise cancel
-    return result
-
-
-_background: set[asyncio.Future[Any]] = set()
-
-
 # --------------------------------------------------------------------------
 # Waking consumers
 
@@ -600,7 +563,7 @@ class FileStore:
             if created:
                 fsync_dir(self._root)  # the areas survive a power cut
 
-        await _finish(make)
+        await run_sync(make)
 
     @overload
     async def create(self, name: str, mode: _TEXT_MODES = "w") -> AsyncTextIOWrapper: ...
@@ -638,7 +601,7 @@ class FileStore:
                 os.close(fd)
                 raise
 
-        file = await _finish(open_it, undo=lambda f: f.close())
+        file = await run_sync(open_it, undo=lambda f: f.close())
         return wrap_file(file)
 
     async def list(self, area: str) -> builtins.list[Path]:
@@ -685,7 +648,7 @@ class FileStore:
             if durable:
                 fsync_dir(os.path.dirname(dst))
 
-        await _finish(move_it)
+        await run_sync(move_it)
 
     async def copy(self, name: str, from_area: str, to_area: str, *, durable: bool = True) -> None:
         """Copy ``name`` from one area to another; never replaces a file.
@@ -721,7 +684,7 @@ class FileStore:
             if durable:
                 fsync_dir(os.path.dirname(dst))
 
-        await _finish(copy_it)
+        await run_sync(copy_it)
 
     async def remove(self, name: str, area: str) -> None:
         """Delete ``name`` from ``area``.
@@ -733,7 +696,7 @@ class FileStore:
         """
         check_name(name)
         path = os.path.join(self._area(area), name)
-        await _finish(lambda: os.unlink(path))
+        await run_sync(lambda: os.unlink(path))
 
     # -- the work queue --------------------------------------------------------
 
@@ -774,7 +737,7 @@ class FileStore:
                     raise
             return name
 
-        return await _finish(publish)
+        return await run_sync(publish)
 
     async def claim(self, name: str) -> bool:
         """Move ``new/<name>`` to ``cur/``; True for exactly one of all competing claimers.
@@ -795,7 +758,7 @@ class FileStore:
             if claimed is not None:  # won, but the cancelled caller will never know
                 self._give_back_sync(claimed, name)
 
-        claimed = await _finish(lambda: self._claim_sync(name), undo)
+        claimed = await run_sync(lambda: self._claim_sync(name), undo=undo)
         if claimed is None:
             return False
         self._adopt(name, claimed)
@@ -834,7 +797,7 @@ class FileStore:
             if got is not None:
                 self._give_back_sync(got[1], got[0])
 
-        got = await _finish(take, undo)
+        got = await run_sync(take, undo=undo)
         return None if got is None else self._adopt(*got)
 
     async def consume(
@@ -860,7 +823,7 @@ class FileStore:
             ```
         """
         use_inotify = self._use_inotify
-        watcher = await _finish(
+        watcher = await run_sync(
             lambda: _Watcher.open(self._dirs["new"], use_inotify), undo=lambda w: w.close()
         )
         try:
@@ -898,7 +861,7 @@ class FileStore:
                 print("redelivering", name)
             ```
         """
-        return await _finish(self._recover_sync)
+        return await run_sync(self._recover_sync)
 
     def _claims_by_owner(self) -> dict[str, builtins.list[tuple[str, str]]]:
         claims: dict[str, builtins.list[tuple[str, str]]] = {}
@@ -1071,7 +1034,7 @@ class FileStore:
                             removed.append(Path(entry.path))
             return removed
 
-        return await _finish(clean)
+        return await run_sync(clean)
 
     async def aclose(self) -> None:
         """Give back the messages this store still holds and release its consumer lock.
@@ -1108,7 +1071,7 @@ class FileStore:
                 self._owner_finalizer()  # closes the fd: the lock is released
                 self._owner = self._owner_fd = self._owner_finalizer = None
 
-        await _finish(close)
+        await run_sync(close)
         for name, message in held.items():
             message._state = "closed"
             self._held.pop(name, None)
@@ -1199,7 +1162,7 @@ class Message:
         """
         if not self._check_held("done"):
             return
-        await _finish(lambda: os.unlink(self._path))
+        await run_sync(lambda: os.unlink(self._path))
         self._settled("done")
 
     async def release(self) -> None:
@@ -1213,7 +1176,7 @@ class Message:
         """
         if not self._check_held("release"):
             return
-        await _finish(lambda: self._store._give_back_sync(self._claimed, self.name))
+        await run_sync(lambda: self._store._give_back_sync(self._claimed, self.name))
         self._settled("release")
 
     def _settled(self, state: str) -> None:
