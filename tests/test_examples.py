@@ -69,3 +69,12 @@ def test_web_handler_publishes_uploads_across_file_systems(tmp_path: Path) -> No
         assert [p for p in temp_base.rglob("*") if p.is_file() and p.name != ".lock"] == []
     finally:
         subprocess.run(["rm", "-rf", str(temp_base)], check=False)
+
+
+def test_demo_tours_locks_and_atomic_files() -> None:
+    out = run_example("demo.py")
+    for task in ("task-0", "task-1", "task-2"):
+        assert f"{task} holds the lock" in out
+    assert "as expected: timed out after 0.1 s" in out
+    assert "handoff to a waiting task took" in out
+    assert 'published result.json -> {"ok": true}' in out
