@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -667,3 +668,58 @@ async def test_no_blocking_io_on_the_loop(
         assert await cache.usage() <= 5 * MiB
         cache.stats()
     assert no_blocking_io == []
+
+
+async def test_copy_wakes_the_loop_only_for_waiting_readers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every wake-up of the loop from a copy thread risks leaving the loop thread
+    behind it on one CPU (see `Doorbell`): a copy nobody waits on posts nothing."""
+    from atempstore._copysession import Doorbell
+
+    posts: list[str] = []
+    post = Doorbell.post
+
+    def counting(self: Doorbell, fn: Any, *args: Any) -> None:
+        posts.append(fn.__name__)
+        post(self, fn, *args)
+
+    monkeypatch.setattr(Doorbell, "post", counting)
+    data = os.urandom(8 * MiB)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache:
+        async with cache.open(src) as f:
+            assert await f.wait_cached()
+        assert posts == []
+        # A reader waiting at the front of a slow copy is woken, with exact bytes.
+        async with cache.open(MemorySource(data, rate=40e6)) as f:
+            assert await f.read(MiB, 1000) == data[MiB : MiB + 1000]
+            assert await f.wait_cached()
+        assert posts != []
+        assert cache.stats()["source_bytes"] == 0
+
+
+async def test_doorbell_coalesces_and_falls_back_after_close() -> None:
+    from atempstore._copysession import Doorbell, open_doorbell_fd
+
+    loop = asyncio.get_running_loop()
+    bell = Doorbell(loop, open_doorbell_fd())
+    got: list[int] = []
+    done = asyncio.Event()
+
+    def burst() -> None:
+        for i in range(100):
+            bell.post(got.append, i)
+        loop.call_soon_threadsafe(done.set)
+
+    threading.Thread(target=burst).start()
+    await done.wait()
+    while len(got) < 100:
+        await asyncio.sleep(0.001)
+    assert got == list(range(100))
+    bell.close()
+    bell.close()
+    await asyncio.to_thread(bell.post, got.append, 100)  # after close: call_soon_threadsafe
+    await asyncio.sleep(0.01)
+    assert got[-1] == 100

@@ -46,6 +46,7 @@ from ._copysession import (
     QUEUED,
     Copier,
     CopySession,
+    Doorbell,
     MiB,
     ObjectOrigin,
     Origin,
@@ -56,6 +57,7 @@ from ._copysession import (
     Version,
     clear_record,
     entry_name,
+    open_doorbell_fd,
     read_record,
     write_record,
 )
@@ -716,6 +718,7 @@ class FileCache:
         self._closed = False
         self._probing = 0
         self._probes_done: asyncio.Event | None = None
+        self._doorbell: Doorbell | None = None
 
     def __repr__(self) -> str:
         return f"<FileCache {os.fspath(self._directory)!r} max_size={self.max_size}>"
@@ -746,7 +749,10 @@ class FileCache:
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
             if not self._ready:
-                cpus, asyncinotify = await run_sync(_prepare, self._dir)
+                cpus, asyncinotify, bell_fd = await run_sync(
+                    _prepare, self._dir, undo=_unprepare(self._dir)
+                )
+                self._doorbell = Doorbell(asyncio.get_running_loop(), bell_fd)
                 self._limiter = CapacityLimiter(self.max_copies)
                 # One core stays free for the event loop (and the copy thread):
                 # on 2 cores, 4 busy readers made the loop wait several ms.
@@ -875,7 +881,7 @@ class FileCache:
             assert session.data is not None
             assert self._limiter is not None
             self._stats.count("copies")
-            loop = asyncio.get_running_loop()
+            assert self._doorbell is not None
             copier = Copier(
                 origin=origin,
                 name=name,
@@ -888,7 +894,7 @@ class FileCache:
                 stats=self._stats,
                 chunk_size=self.chunk_size,
                 clock_ns=self._dir.clock_ns,
-                post=lambda fn, *args: _post(loop, fn, *args),
+                post=self._doorbell.post,
             )
             session.start_copy(copier, self._limiter)
         elif kind == "follow":
@@ -978,20 +984,30 @@ class FileCache:
         if tasks:
             await asyncio.wait(tasks)
         await self._notifier.aclose()
+        if self._doorbell is not None:
+            self._doorbell.close()  # fd calls only
         if self._ready:
             await run_sync(self._dir.close)
 
 
-def _prepare(directory: _Directory) -> tuple[int, Any]:
-    """Open the cache directory; count CPUs (may read /sys); import asyncinotify."""
+def _prepare(directory: _Directory) -> tuple[int, Any, int]:
+    """Open the cache directory; count CPUs (may read /sys); import asyncinotify;
+    open the copy threads' doorbell (see `Doorbell`)."""
     directory.open()
-    return os.cpu_count() or 2, _load_asyncinotify()
+    cpus = os.cpu_count() or 2
+    asyncinotify = _load_asyncinotify()
+    return cpus, asyncinotify, open_doorbell_fd()
 
 
-def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
-    # A closed loop raises RuntimeError: nobody is reading any more.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(fn, *args)
+def _unprepare(directory: _Directory) -> Callable[[tuple[int, Any, int]], None]:
+    """Undo `_prepare` for a caller cancelled while it ran (in a worker thread)."""
+
+    def undo(prepared: tuple[int, Any, int]) -> None:
+        directory.close()
+        if prepared[2] >= 0:
+            os.close(prepared[2])
+
+    return undo
 
 
 class _Opening:
