@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import Any
 
 from anyio import CapacityLimiter
+from anyio.abc import AsyncResource
 
 from ._copysession import (
     QUEUED,
@@ -628,7 +629,7 @@ class _Notifier:
 # The public classes
 
 
-class FileCache:
+class FileCache(AsyncResource):
     """A local cache that serves files to many async readers *while* it copies them.
 
     ``directory`` holds the cached copies; it is created (mode 0700) on first
@@ -731,14 +732,6 @@ class FileCache:
     async def __aenter__(self) -> FileCache:
         await self._ensure_ready()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def _ensure_ready(self) -> None:
         if self._closed:
@@ -1037,7 +1030,7 @@ class _Opening:
             await self._file.aclose()
 
 
-class CachedFile:
+class CachedFile(AsyncResource):
     """A reader of one version of one source, returned by `FileCache.open`.
 
     ``size`` and ``mtime`` are the source's at open time; every byte a reader
@@ -1183,11 +1176,3 @@ class CachedFile:
 
     async def __aenter__(self) -> CachedFile:
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

@@ -62,6 +62,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 from aiofiles.threadpool.text import AsyncTextIOWrapper
+from anyio.abc import AsyncResource
 
 from ._durable import (
     create_exclusive,
@@ -276,7 +277,7 @@ class _Watcher:
             elif event.name is not None:
                 names.append(str(event.name))
 
-    async def wait(self, timeout: float) -> bool:
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - recover() schedule, not a user timeout
         """Sleep until something arrives (True) or ``timeout`` passes (False)."""
         if timeout <= 0:
             return False
@@ -393,7 +394,7 @@ def _open_flags(mode: str) -> int:
     return flags
 
 
-class FileStore:
+class FileStore(AsyncResource):
     """A maildir directory (``tmp/``, ``new/``, ``cur/``) used as a store and a work queue.
 
     The constructor only records its arguments; `prepare` creates the
@@ -1079,14 +1080,6 @@ class FileStore:
     async def __aenter__(self) -> FileStore:
         await self.prepare()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class Message:

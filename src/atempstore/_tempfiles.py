@@ -42,9 +42,9 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import anyio
+from anyio.abc import AsyncResource
 
 from ._errors import InvalidNameError, NoUsableDirectoryError, UnsafeDirectoryError
 from ._paths import check_name, confine, open_beneath, open_dir_nofollow, remove_at
@@ -578,7 +578,7 @@ class _Opened:
     owner_pid: int
 
 
-class TempFileManager:
+class TempFileManager(AsyncResource):
     """A temp directory owned by this process, cleaned up when it exits or dies.
 
     The constructor only records ``prefix``; the first coroutine (or
@@ -835,14 +835,6 @@ class TempFileManager:
                     await run_sync(self._close)
             raise
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.cleanup()
 
     # -- public coroutines --------------------------------------------------
 
