@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,13 @@ def test_stream_file_shares_one_copy_between_readers() -> None:
     lines = out.splitlines()
     readers = [line for line in lines if " from " in line and "first byte" in line]
     assert len(readers) == 5, out
-    assert "copies: 1, cache hits: 1" in out
+    # One copy for all five readers.  The number of cache hits depends on whether
+    # the copy was already published when the example re-opens the file to wait
+    # for it (then that open is a hit too), so only the later reader's is certain.
+    stats = re.search(r"copies: (\d+), cache hits: (\d+)", out)
+    assert stats is not None, out
+    assert stats.group(1) == "1", out
+    assert int(stats.group(2)) >= 1, out
     assert "(opened in cache mode)" in readers[-1]
 
 
