@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -11,7 +12,13 @@ import pytest
 
 from .blocking import forbid_blocking_io
 
-__all__ = ("forbid_blocking_io", "run_python", "spawn_python")
+__all__ = (
+    "forbid_blocking_io",
+    "lock_is_held",
+    "open_fds",
+    "run_python",
+    "spawn_python",
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -54,3 +61,20 @@ def no_blocking_io() -> Iterator[list[str]]:
     """Inside the test, atempstore must not do path I/O on the event-loop thread."""
     with forbid_blocking_io() as violations:
         yield violations
+
+
+def lock_is_held(lock_path: str | os.PathLike[str]) -> bool:
+    """Ask the kernel, through a new open file description (flock is per description)."""
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))

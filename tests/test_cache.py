@@ -23,6 +23,8 @@ import pytest
 
 from atempstore import CachedFile, FileCache, Source, SourceChangedError
 
+from .conftest import open_fds
+
 MiB = 1 << 20
 
 
@@ -87,10 +89,6 @@ def visible(directory: Path) -> list[str]:
 
 def parts(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith((".part", ".tmp")))
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 async def read_all(f: CachedFile, start: int = 0, end: int | None = None) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import random
 import signal
@@ -32,7 +31,7 @@ from atempstore import (
     unlock,
 )
 
-from .conftest import run_python, spawn_python
+from .conftest import lock_is_held, open_fds, run_python, spawn_python
 
 # A child that takes the lock, says so, and holds it until told to let go.
 HOLDER = """
@@ -73,19 +72,7 @@ def release_child(child: subprocess.Popen[str]) -> None:
 
 
 def lock_is_free(path: Path) -> bool:
-    """Ask the kernel directly, through a fresh open file description."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    return not lock_is_held(path)
 
 
 async def wait_until(predicate: object, timeout: float = 2.0) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import os
 import pwd
 import re
@@ -36,7 +35,7 @@ from atempstore import (
     get_manager,
 )
 
-from .conftest import REPO, run_python, spawn_python
+from .conftest import REPO, lock_is_held, run_python, spawn_python
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
 OTHER_UID = 65534  # nobody
@@ -52,18 +51,6 @@ def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (tmp_path / "systmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
     return tmp_path / "base"
-
-
-def lock_is_held(lock_path: Path) -> bool:
-    """Try the lock through a new open file description (flock is per description)."""
-    fd = os.open(lock_path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def snapshot(root: Path, *, skip: Path | None = None) -> dict[str, tuple[int, int, int, str]]:
