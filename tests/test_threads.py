@@ -1,0 +1,135 @@
+"""The one offload helper: results, errors, and what cancellation may and may not do."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import warnings
+
+import pytest
+
+from atempstore._threads import run_sync, run_wait
+
+
+async def test_result_and_error_come_back() -> None:
+    assert await run_sync(lambda: threading.current_thread() is threading.main_thread()) is False
+    with pytest.raises(ZeroDivisionError):
+        await run_sync(lambda: 1 / 0)
+
+
+async def test_context_variables_reach_the_thread() -> None:
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id")
+    request_id.set("r-42")
+    assert await run_sync(request_id.get) == "r-42"
+
+
+async def test_cancellation_waits_for_the_call_to_finish() -> None:
+    finished = threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.2)
+        finished.set()
+
+    task = asyncio.ensure_future(run_sync(slow))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # The state change finished before the cancellation was delivered.
+    assert finished.is_set()
+
+
+async def test_undo_runs_when_cancelled_during_the_call() -> None:
+    undone: list[str] = []
+
+    def claim() -> str:
+        time.sleep(0.2)
+        return "token"
+
+    task = asyncio.ensure_future(run_sync(claim, undo=undone.append))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert undone == ["token"]
+
+
+async def test_undo_runs_when_cancelled_after_the_call_returned() -> None:
+    loop = asyncio.get_running_loop()
+    undone: list[str] = []
+    task: asyncio.Future[str] | None = None
+
+    def claim() -> str:
+        # The cancellation reaches the loop before the result does: the call
+        # finished, but the caller will never see its result.
+        assert task is not None
+        loop.call_soon_threadsafe(task.cancel)
+        time.sleep(0.01)
+        return "token"
+
+    task = asyncio.ensure_future(run_sync(claim, undo=undone.append))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert undone == ["token"]
+
+
+async def test_no_undo_when_the_caller_gets_the_result() -> None:
+    undone: list[str] = []
+    assert await run_sync(lambda: "token", undo=undone.append) == "token"
+    assert undone == []
+
+
+async def test_abandoning_a_read_returns_at_once() -> None:
+    task = asyncio.ensure_future(run_sync(time.sleep, 0.5, abandon_on_cancel=True))
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 0.3
+
+
+async def test_run_wait_delivers_and_can_be_abandoned() -> None:
+    assert await run_wait(lambda: 7) == 7
+    release = threading.Event()
+    ran_to_the_end = threading.Event()
+
+    def blocked() -> None:
+        release.wait(5)
+        ran_to_the_end.set()
+
+    task = asyncio.ensure_future(run_wait(blocked))
+    await asyncio.sleep(0.02)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task  # does not wait for the other party
+    release.set()
+    assert await asyncio.to_thread(ran_to_the_end.wait, 5)
+
+
+@pytest.mark.multiprocess
+async def test_a_forked_child_gets_a_working_pool() -> None:
+    await run_sync(os.getpid)  # the parent's pool exists, with threads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            ok = asyncio.run(asyncio.wait_for(run_sync(os.getpid), 5)) == os.getpid()
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG never blocks
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        await asyncio.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)  # noqa: ASYNC222 - reaping a SIGKILLed child is immediate
+    pytest.fail("the forked child's run_sync never ran")
