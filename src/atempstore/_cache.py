@@ -63,6 +63,7 @@ from ._copysession import (
     write_record,
 )
 from ._durable import temp_name, unlink_quietly
+from ._locks import try_lock_exclusive
 from ._threads import run_sync
 
 
@@ -281,9 +282,7 @@ class _Directory:
         if self._take_cached(p, version):
             return
         p.lock_fd = os.open(self.lock_path(name), os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
-        try:
-            fcntl.flock(p.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock_exclusive(p.lock_fd):
             self._probe_busy(p, version)
             return
         p.locked = True
@@ -501,9 +500,7 @@ class _Directory:
         except FileNotFoundError:
             return 0
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock_exclusive(fd):
                 rec = read_record(fd)  # a live copier wrote it under the ledger lock
                 return rec.reserved if rec is not None else 0
             if os.fstat(fd).st_nlink == 0:
@@ -527,9 +524,7 @@ class _Directory:
         lock_path = self.lock_path(name)
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         try:
-            try:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not try_lock_exclusive(lock_fd):
                 return 0  # being copied or probed
             if os.fstat(lock_fd).st_nlink == 0:
                 return 0
@@ -538,9 +533,7 @@ class _Directory:
             except FileNotFoundError:
                 return 0
             try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+                if not try_lock_exclusive(fd):
                     return 0  # a reader, in some process, holds it
                 size = os.fstat(fd).st_size
                 os.unlink(self.final(name))

@@ -73,6 +73,7 @@ from ._durable import (
     write_new_file,
 )
 from ._handles import AsyncFile, wrap_file
+from ._locks import try_lock_exclusive
 from ._paths import check_name
 from ._threads import run_sync
 
@@ -896,13 +897,13 @@ class FileStore(AsyncResource):
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
+            alive = not try_lock_exclusive(fd)
         except BaseException:
             os.close(fd)
             raise
+        if alive:
+            os.close(fd)
+            return None
         return fd
 
     def _recover_sync(self) -> builtins.list[str]:

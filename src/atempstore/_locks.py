@@ -68,6 +68,20 @@ LOCK_UN = portalocker.LockFlags.UNBLOCK
 _WOULD_BLOCK = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 
 
+def try_lock_exclusive(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if held elsewhere.
+
+    Blocking-free, but call it in a worker thread with the rest of the syscall
+    sequence it belongs to (it is how every component asks "is the owner of
+    this lock file still alive?").
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 

@@ -47,6 +47,7 @@ import anyio
 from anyio.abc import AsyncResource
 
 from ._errors import InvalidNameError, NoUsableDirectoryError, UnsafeDirectoryError
+from ._locks import try_lock_exclusive
 from ._paths import check_name, confine, open_beneath, open_dir_nofollow, remove_at
 from ._threads import run_sync
 
@@ -286,14 +287,6 @@ def _open_lock(dir_fd: int) -> int | None:
         return None
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def _claim(dir_fd: int) -> int | None:
     """Make ``.lock`` in ``dir_fd`` ours, already locked; None if it exists.
 
@@ -456,10 +449,10 @@ def _examine(userdir_fd: int, name: str, now: float, grace: float, dry_run: bool
                 # Its process linked .lock just now, so it is (or was) alive:
                 # the lock decides, as for any other directory.
                 lock_fd = _open_lock(dir_fd)
-                if lock_fd is None or not _try_lock(lock_fd):
+                if lock_fd is None or not try_lock_exclusive(lock_fd):
                     return _Verdict(Path(name), False, "in use: its lock is held")
                 reason = "its lock is not held: its process is gone"
-        elif _try_lock(lock_fd):
+        elif try_lock_exclusive(lock_fd):
             reason = "its lock is not held: its process is gone"
             if dry_run:
                 return _Verdict(Path(name), True, reason)
