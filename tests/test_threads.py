@@ -7,16 +7,74 @@ import os
 import threading
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
-from atempstore._threads import run_sync, run_wait
+from atempstore._threads import POOL_THREADS, run_sync, run_wait
+
+from .conftest import run_python
 
 
 async def test_result_and_error_come_back() -> None:
     assert await run_sync(lambda: threading.current_thread() is threading.main_thread()) is False
     with pytest.raises(ZeroDivisionError):
         await run_sync(lambda: 1 / 0)
+
+
+async def test_stop_iteration_cannot_end_the_awaiting_coroutine() -> None:
+    # A future cannot carry StopIteration: it is delivered as a RuntimeError.
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        await run_sync(next, iter(()))
+
+
+async def test_concurrent_calls_overlap_up_to_the_pool_size() -> None:
+    # 40 calls that each wait for the others: only POOL_THREADS can run at
+    # once, and that many must (a pool that ran them one by one would fail).
+    barrier = threading.Barrier(POOL_THREADS, timeout=5)
+    arrivals = await asyncio.gather(*(run_sync(barrier.wait) for _ in range(POOL_THREADS)))
+    assert sorted(arrivals) == list(range(POOL_THREADS))
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def busy() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.02)
+        with lock:
+            running -= 1
+
+    await asyncio.gather(*(run_sync(busy) for _ in range(POOL_THREADS + 8)))
+    assert peak == POOL_THREADS
+
+
+def test_work_handed_over_finishes_at_interpreter_exit(tmp_path: Path) -> None:
+    # The loop is abandoned while a write is in flight and the interpreter
+    # exits: the worker thread is not killed half-way, the write lands.
+    target = tmp_path / "landed"
+    result = run_python(
+        """
+        import asyncio, sys, time
+        from atempstore._threads import run_sync
+
+        def slow_write() -> None:
+            time.sleep(0.3)
+            with open(sys.argv[1], "w") as file:
+                file.write("whole")
+
+        loop = asyncio.new_event_loop()
+        loop.create_task(run_sync(slow_write))
+        loop.run_until_complete(asyncio.sleep(0.05))  # the call is running now
+        print("exiting", flush=True)
+        """,
+        str(target),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["exiting"]
+    assert target.read_text() == "whole"
 
 
 async def test_context_variables_reach_the_thread() -> None:

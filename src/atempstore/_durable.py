@@ -16,6 +16,7 @@ import secrets
 __all__ = (
     "create_exclusive",
     "fsync_dir",
+    "open_dir",
     "publish_link",
     "publish_replace",
     "temp_name",
@@ -35,11 +36,21 @@ def temp_name(final: str) -> str:
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so the names created or removed in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = open_dir(path)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_dir(path: str | os.PathLike[str]) -> int:
+    """A directory fd, to work relative to (``dir_fd=``) and to fsync.
+
+    A sequence run relative to one directory fd skips the path walk on every
+    step and keeps acting on the same directory even if its path is renamed
+    or replaced meanwhile.
+    """
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -50,27 +61,34 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[written:]
 
 
-def create_exclusive(path: str | os.PathLike[str], mode: int = 0o600) -> int:
-    """Create ``path`` for writing; fail with `FileExistsError` if it exists
-    (never follows a planted symlink)."""
-    return os.open(path, _CREATE_FLAGS, mode)
+def create_exclusive(
+    path: str | os.PathLike[str], mode: int = 0o600, *, dir_fd: int | None = None
+) -> int:
+    """Create ``path`` (relative to ``dir_fd`` if given) for writing; fail with
+    `FileExistsError` if it exists (never follows a planted symlink)."""
+    return os.open(path, _CREATE_FLAGS, mode, dir_fd=dir_fd)
 
 
-def unlink_quietly(path: str | os.PathLike[str]) -> None:
+def unlink_quietly(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> None:
     """Remove ``path`` if it is there; used to roll back after a failure."""
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
 
 
 def write_new_file(
-    path: str | os.PathLike[str], data: bytes | bytearray | memoryview, *, durable: bool = True
+    path: str | os.PathLike[str],
+    data: bytes | bytearray | memoryview,
+    *,
+    durable: bool = True,
+    dir_fd: int | None = None,
 ) -> None:
-    """Create ``path`` exclusively, write ``data``, fsync it (if ``durable``).
+    """Create ``path`` (relative to ``dir_fd`` if given) exclusively, write
+    ``data``, fsync it (if ``durable``).
 
     On any failure the file is removed and the *original* error propagates:
     nothing half-written is left behind.
     """
-    fd = create_exclusive(path)
+    fd = create_exclusive(path, dir_fd=dir_fd)
     try:
         try:
             write_all(fd, data)
@@ -82,7 +100,7 @@ def write_new_file(
         # The caller needs the *original* error (ENOSPC, EIO...), so a failing
         # clean-up must not replace it.
         with contextlib.suppress(OSError):
-            unlink_quietly(path)
+            unlink_quietly(path, dir_fd=dir_fd)
         raise
 
 
@@ -98,6 +116,9 @@ def publish_link(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> 
         unlink_quietly(tmp)
 
 
-def publish_replace(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
-    """Atomically replace ``final`` by ``tmp`` (readers see old or new, whole)."""
-    os.replace(tmp, final)
+def publish_replace(
+    tmp: str | os.PathLike[str], final: str | os.PathLike[str], *, dir_fd: int | None = None
+) -> None:
+    """Atomically replace ``final`` by ``tmp`` (readers see old or new, whole);
+    both names relative to ``dir_fd`` if given."""
+    os.replace(tmp, final, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)

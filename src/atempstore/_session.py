@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._durable import fsync_dir, publish_replace, unlink_quietly, write_new_file
+from ._durable import fsync_dir, open_dir, publish_replace, unlink_quietly, write_new_file
 from ._errors import LockedStorageError
 from ._paths import remove_at
 from ._threads import run_sync
@@ -381,30 +381,36 @@ def _create(base_dir: str, stem: str) -> Path:
 
 
 def _save(location: str, data: bytes) -> None:
-    # Plain strings: on this hot path, pathlib's joins cost measurably more.
-    next_path = os.path.join(location, NEXT_FILE)
+    # Every step relative to one directory fd: no path walk per step (this is
+    # the hot path of the library's most latency-bound call), and a storage
+    # directory renamed mid-save cannot split the save across two directories.
+    dir_fd = open_dir(location)
     try:
-        # Exclusive create, write, fsync, close; on failure the file is removed
-        # and the original error propagates.
-        write_new_file(next_path, data)
-    except FileExistsError:
-        raise LockedStorageError(
-            f"{next_path} exists: another save_checkpoint() is in progress, or a"
-            " crash interrupted one. Retry later, or call break_lock() once you know no other"
-            " process is saving into this storage.",
-            path=next_path,
-        ) from None
-    try:
-        publish_replace(next_path, os.path.join(location, SESSION_FILE))
-    except BaseException:
-        # The next file is ours (it exists, so nobody else could have created
-        # one); leaving it would lock every later save.
-        # If that fails too, the caller still needs the rename's error; the
-        # leftover next file will then report itself as LockedStorageError.
-        with contextlib.suppress(OSError):
-            unlink_quietly(next_path)
-        raise
-    fsync_dir(location)
+        try:
+            # Exclusive create, write, fsync, close; on failure the file is
+            # removed and the original error propagates.
+            write_new_file(NEXT_FILE, data, dir_fd=dir_fd)
+        except FileExistsError:
+            next_path = os.path.join(location, NEXT_FILE)
+            raise LockedStorageError(
+                f"{next_path} exists: another save_checkpoint() is in progress, or a"
+                " crash interrupted one. Retry later, or call break_lock() once you know no"
+                " other process is saving into this storage.",
+                path=next_path,
+            ) from None
+        try:
+            publish_replace(NEXT_FILE, SESSION_FILE, dir_fd=dir_fd)
+        except BaseException:
+            # The next file is ours (it exists, so nobody else could have
+            # created one); leaving it would lock every later save.  If that
+            # fails too, the caller still needs the rename's error; the
+            # leftover next file will then report itself as LockedStorageError.
+            with contextlib.suppress(OSError):
+                unlink_quietly(NEXT_FILE, dir_fd=dir_fd)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _load(location: Path) -> bytes:

@@ -4,9 +4,9 @@ Every public coroutine gathers its whole syscall sequence into one function and
 hands it to :func:`run_sync`, so a public operation costs one thread hop, not
 one per syscall.  Two kinds of thread keep the kinds of work apart:
 
-* file work (open, write, fsync, rename, ...) runs on the library's own pool of
-  `POOL_THREADS` threads (optionally further limited by an anyio
-  `CapacityLimiter`, as the cache does for its readers);
+* file work (open, write, fsync, rename, ...) runs on `_Pool`, the library's
+  own pool of up to `POOL_THREADS` threads (optionally further limited by an
+  anyio `CapacityLimiter`, as the cache does for its readers);
 * a thread that sits in a blocking ``flock`` until another process lets go
   runs through :func:`run_wait` on a daemon thread of its own.  Such a wait
   can last forever, so it must never occupy a pool thread that file work
@@ -16,10 +16,10 @@ one per syscall.  Two kinds of thread keep the kinds of work apart:
 Why not ``anyio.to_thread.run_sync``, as SPEC.md first said: a hop through it
 costs about 90-110 µs here against 55-75 µs for a plain executor hop (its
 limiter adds a loop iteration and its worker bookkeeping runs on every call),
-and the hop *is* most of the cost of an uncontended lock or a small durable
-write.  atempstore is asyncio-native throughout, so anyio's portability buys
-nothing, while its cancellation semantics are kept (and extended to plain
-``task.cancel()``) by `_Hop`.
+and `_Pool` takes another 30-40 µs off that; the hop *is* most of the cost of
+an uncontended lock or a small durable write.  atempstore is asyncio-native
+throughout, so anyio's portability buys nothing, while its cancellation
+semantics are kept (and extended to plain ``task.cancel()``) by `_Hop`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 from anyio import CapacityLimiter
@@ -44,17 +45,81 @@ Ts = TypeVarTuple("Ts")
 #: Worker threads for file operations, per process.
 POOL_THREADS = 32
 
-_pool: ThreadPoolExecutor | None = None
+
+class _Pool:
+    """Worker threads that hand each result straight back to the event loop.
+
+    Not a `concurrent.futures.ThreadPoolExecutor`: ``run_in_executor`` chains a
+    concurrent future to an asyncio one, and the worker then runs several
+    Python callbacks and bookkeeping steps *after* it has woken the loop.  The
+    woken loop thread needs the GIL the worker still holds, so it is put to
+    sleep and woken a second time.  Here waking the loop is the worker's last
+    act before it blocks for the next job, which takes ~30-40 µs off every hop
+    on this project's 2-core VMs (``benchmarks/bench_session.py``).
+    """
+
+    def __init__(self, max_threads: int) -> None:
+        self._jobs: queue.SimpleQueue[_Hop | None] = queue.SimpleQueue()
+        self._max_threads = max_threads
+        self._threads = 0
+        self._idle = 0  # threads that have finished a job and will take another
+        self._count_lock = threading.Lock()
+        self._closed = False
+        _register_atexit(self._close)
+
+    def submit(self, job: _Hop) -> None:
+        with self._count_lock:
+            if self._closed:
+                raise RuntimeError("cannot start file work after interpreter shutdown")
+            start = False
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self._max_threads:
+                self._threads += 1
+                start = True
+        self._jobs.put(job)
+        if start:
+            # Not daemon: work already handed over finishes even at interpreter
+            # exit (``_close`` lets the threads go once the queue is drained).
+            threading.Thread(target=self._work, name="atempstore").start()
+
+    def _work(self) -> None:
+        get = self._jobs.get
+        while (job := get()) is not None:
+            deliver = job.run()
+            del job
+            with self._count_lock:
+                self._idle += 1
+            if deliver is not None:
+                deliver()  # wakes the loop: nothing after it but blocking in get()
+            del deliver
+
+    def _close(self) -> None:
+        with self._count_lock:
+            self._closed = True
+            threads = self._threads
+        for _ in range(threads):
+            self._jobs.put(None)
+
+
+# concurrent.futures' own hook: runs at interpreter exit *before* non-daemon
+# threads are joined, so the workers can be told to stop.  Absent elsewhere
+# than CPython; daemon-like behaviour (no drain) is the fallback.
+_register_atexit: Callable[[Callable[[], object]], None] = getattr(
+    threading, "_register_atexit", lambda func: None
+)
+
+_pool: _Pool | None = None
 _pool_lock = threading.Lock()
 
 
-def _get_pool() -> ThreadPoolExecutor:
+def _get_pool() -> _Pool:
     global _pool
     pool = _pool
     if pool is None:
         with _pool_lock:
             if _pool is None:
-                _pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="atempstore")
+                _pool = _Pool(POOL_THREADS)
             pool = _pool
     return pool
 
@@ -73,27 +138,41 @@ os.register_at_fork(after_in_child=_forget_pool_after_fork)
 class _Hop:
     """A call handed to a worker thread that the caller can wait out.
 
-    Cancelling an ``await`` of an executor future does not stop the thread,
-    which runs on: the caller would roll back (close a file, say) *before* the thread
-    finished opening it, and the file would leak.  So the caller, when
-    interrupted, waits here until the call has really finished (or learns it
-    never started), and only then lets the cancellation through.
+    A worker thread cannot be stopped, so a caller cancelled while its call
+    runs would roll back (close a file, say) *before* the thread finished
+    opening it, and the file would leak.  So the caller, when interrupted,
+    waits here until the call has really finished (or learns it never
+    started), and only then lets the cancellation through.
 
     A result the interrupted caller will never see (a claimed message, an
     opened file) is handed to ``undo``: by the worker thread itself when the
     caller gave up while the call ran, else by the caller (see `run_sync`).
     """
 
-    __slots__ = ("_args", "_func", "_loop", "_mutex", "_state", "_undo", "_waiter", "result")
+    __slots__ = (
+        "_args",
+        "_context",
+        "_func",
+        "_future",
+        "_loop",
+        "_mutex",
+        "_state",
+        "_undo",
+        "_waiter",
+        "result",
+    )
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[Any],
         func: Callable[..., object],
         args: tuple[object, ...],
         undo: Callable[[Any], object] | None,
     ) -> None:
         self._loop = loop
+        self._future = future
+        self._context = contextvars.copy_context()
         self._func = func
         self._args = args
         self._undo = undo
@@ -103,25 +182,35 @@ class _Hop:
         self._waiter: asyncio.Future[None] | None = None
         self.result: object = None
 
-    def __call__(self) -> object:
+    def run(self) -> Callable[[], None] | None:
+        """Run the call (in a worker thread); return what wakes the caller."""
         with self._mutex:
             if self._state == "dropped":
                 return None
             self._state = "running"
-        outcome = "failed"
+        error: BaseException | None = None
         try:
-            self.result = self._func(*self._args)
-            outcome = "finished"
-            return self.result
-        finally:
-            with self._mutex:
-                self._state = outcome
-                waiter = self._waiter
-            if waiter is not None:
-                if outcome == "finished" and self._undo is not None:
-                    self._undo(self.result)  # the caller is gone: nobody else will
-                with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-                    self._loop.call_soon_threadsafe(_wake, waiter)
+            self.result = self._context.run(self._func, *self._args)
+        except BaseException as exc:
+            error = exc
+        with self._mutex:
+            self._state = "failed" if error is not None else "finished"
+            waiter = self._waiter
+        if waiter is None:
+            return partial(self._call_soon, _settle, self._future, self.result, error)
+        if error is None and self._undo is not None:
+            self._undo(self.result)  # the caller is gone: nobody else will
+        return partial(self._call_soon, _wake, waiter)
+
+    def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def drop(self) -> None:
+        """Keep the call from starting if it has not started yet."""
+        with self._mutex:
+            if self._state == "pending":
+                self._state = "dropped"
 
     async def wait_out(self) -> bool:
         """Return once the call has ended or can no longer start; True if it
@@ -135,6 +224,18 @@ class _Hop:
             waiter = self._waiter = self._loop.create_future()
         await _shielded(waiter)
         return False
+
+
+def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(result)
+    elif isinstance(error, StopIteration):
+        # A future cannot carry StopIteration (it would end the awaiting coroutine).
+        future.set_exception(RuntimeError(f"{error!r} raised in a worker thread"))
+    else:
+        future.set_exception(error)
 
 
 async def _shielded(future: asyncio.Future[Any]) -> None:
@@ -170,17 +271,17 @@ async def run_sync(
         async with limiter:
             return await run_sync(func, *args, abandon_on_cancel=abandon_on_cancel, undo=undo)
     loop = asyncio.get_running_loop()
-    context = contextvars.copy_context()
-    if abandon_on_cancel:
-        return await loop.run_in_executor(_get_pool(), context.run, func, *args)
-    hop = _Hop(loop, func, args, undo)
+    future: asyncio.Future[T] = loop.create_future()
+    hop = _Hop(loop, future, func, args, undo)
+    _get_pool().submit(hop)
     try:
-        result = await loop.run_in_executor(_get_pool(), context.run, hop)
+        return await future
     except BaseException:
-        if await hop.wait_out() and undo is not None:
+        if abandon_on_cancel:
+            hop.drop()
+        elif await hop.wait_out() and undo is not None:
             await _shielded(_start_thread(loop, undo, hop.result))
         raise
-    return result  # type: ignore[return-value]
 
 
 def _start_thread(
