@@ -308,6 +308,70 @@ def test_deliver_eio_at_fsync_leaves_nothing(tmp_path: Path, when: int) -> None:
     assert os.listdir(root / "new") == []
 
 
+def traced_deliver(root: Path, *strace_args: str) -> tuple[str, list[str]]:
+    """Deliver b"payload" into ``root`` in a child under strace; its output and
+    the traced calls."""
+    log = root.parent / "strace.log"
+    done = subprocess.run(
+        [
+            *("strace", "-f", "-qq", "-e", "signal=none", "-o", str(log), *strace_args),
+            *(sys.executable, "-c", EIO_CHILD, str(root)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [line.split(maxsplit=1)[1] for line in log.read_text().splitlines()]
+    return done.stdout.strip(), calls
+
+
+@pytest.mark.faults
+def test_deliver_writes_no_temporary_name_where_linux_allows(tmp_path: Path) -> None:
+    # O_TMPFILE: the message is written unnamed in new/ and linked in whole;
+    # tmp/ is never touched, so a crash mid-deliver leaves nothing behind.
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "store"
+    asyncio.run(FileStore(root).prepare())
+    # Every open, link and unlink of the whole process is traced.
+    out, calls = traced_deliver(root, "-e", "trace=openat,linkat,link,unlink,unlinkat")
+    assert out == "delivered"
+    assert any("O_TMPFILE" in call for call in calls), calls
+    assert any(call.startswith('linkat(AT_FDCWD, "/proc/self/fd/') for call in calls), calls
+    assert not any(str(root / "tmp") in call for call in calls), calls
+    [name] = os.listdir(root / "new")
+    assert (root / "new" / name).read_bytes() == b"payload"
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "inject",
+    ["openat:error=EOPNOTSUPP:when=2", "openat:error=EISDIR:when=2", "linkat:error=EXDEV:when=1"],
+    ids=["no-tmpfile-on-this-fs", "kernel-without-tmpfile", "link-across-mounts"],
+)
+def test_deliver_falls_back_to_tmp_where_unnamed_files_fail(tmp_path: Path, inject: str) -> None:
+    # The 2nd openat on new/ is the O_TMPFILE open (the 1st opens new/ itself);
+    # the 1st linkat names the unnamed file.  Either failing the way an
+    # unsupporting system fails sends the message through tmp/ instead.
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "store"
+    asyncio.run(FileStore(root).prepare())
+    # -P: only calls on new/ count towards "when" (and are logged).
+    out, calls = traced_deliver(
+        root, "-P", str(root / "new"), "-e", "trace=openat,linkat", "-e", f"inject={inject}"
+    )
+    assert out == "delivered"
+    assert sum("(INJECTED)" in call for call in calls) == 1, calls
+    assert calls[-1].startswith(f'linkat(AT_FDCWD, "{root / "tmp"}/'), calls
+    assert os.listdir(root / "tmp") == []
+    [name] = os.listdir(root / "new")
+    assert (root / "new" / name).read_bytes() == b"payload"
+
+
 # --------------------------------------------------------------------------
 # claim, Message
 

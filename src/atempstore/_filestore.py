@@ -68,9 +68,9 @@ from ._durable import (
     create_exclusive,
     fsync_dir,
     publish_link,
+    publish_new_file,
     temp_name,
     unlink_quietly,
-    write_new_file,
 )
 from ._handles import AsyncFile, wrap_file
 from ._locks import try_lock_exclusive
@@ -724,19 +724,10 @@ class FileStore(AsyncResource):
         name = self._unique_name() if self._unique_name else _maildir_name(self._clock())
         check_name(name)
         tmp = os.path.join(self._dirs["tmp"], name)
-        final = os.path.join(self._dirs["new"], name)
+        new = self._dirs["new"]
 
         def publish() -> str:
-            write_new_file(tmp, data, durable=durable)
-            publish_link(tmp, final)  # removes tmp whatever happens
-            if durable:
-                try:
-                    fsync_dir(self._dirs["new"])
-                except BaseException:
-                    # The caller is told it failed and will retry: take it back
-                    # (a consumer that already claimed it keeps it).
-                    unlink_quietly(final)
-                    raise
+            publish_new_file(new, name, data, staging=tmp, durable=durable)
             return name
 
         return await run_sync(publish)
