@@ -63,7 +63,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 from anyio import CapacityLimiter
 
-from ._durable import fsync_dir
+from ._durable import fsync_dir, start_writeback
 from ._errors import SourceChangedError
 from ._locks import _wait_for_lock
 from ._threads import run_sync
@@ -696,6 +696,10 @@ class Copier:
             # Checked *after* the bytes were copied and *before* anyone may
             # read them: a change during the copy can never leak mixed data.
             self.origin.check()
+            # The disk writes the chunk while the next one is copied: the
+            # final fsync, otherwise a long stall with the whole file dirty,
+            # finds little left to write.
+            start_writeback(self.part_fd, offset, copied)
             offset += copied
             try:
                 write_progress(self.lock_fd, offset)

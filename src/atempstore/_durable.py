@@ -14,6 +14,7 @@ import errno
 import functools
 import os
 import secrets
+from collections.abc import Callable
 
 __all__ = (
     "create_exclusive",
@@ -22,6 +23,7 @@ __all__ = (
     "publish_link",
     "publish_new_file",
     "publish_replace",
+    "start_writeback",
     "temp_name",
     "unlink_quietly",
     "write_all",
@@ -221,3 +223,35 @@ def _link_unnamed(
         unlink_quietly(name, dir_fd=dir_fd)
         raise
     return True
+
+
+# sync_file_range(2) is Linux-only and not in the os module.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.sync_file_range
+    except (OSError, AttributeError):  # not glibc/musl on Linux
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` to disk, now.
+
+    Does not wait and guarantees nothing (an fsync still must follow), so it
+    is only a hint: a long copy that calls it for each chunk overlaps its
+    disk writes with the copying instead of leaving all of it to the final
+    fsync, which then has little left to do.  Errors are ignored: the fsync
+    will report a real one.
+    """
+    func = _sync_file_range()
+    if func is not None:
+        func(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
