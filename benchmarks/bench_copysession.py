@@ -358,7 +358,13 @@ async def run(size: int, rounds: int, scratch: Path) -> dict[str, object]:
         "size_bytes": size,
         "rounds": rounds,
         "copy_s": {"atempstore": median(ours_copy), "copyfile+fsync": median(peers_copy)},
-        "copy_ratio": median(peers_copy) / median(ours_copy),
+        # Each round times the peer and then atempstore back to back; the
+        # shared disk's speed flips between modes ~3x apart within seconds,
+        # so the ratio is taken per round (paired), then the median.
+        "copy_ratio": median(
+            [peer / ours for peer, ours in zip(peers_copy, ours_copy, strict=True)]
+        ),
+        "copy_ratio_of_medians": median(peers_copy) / median(ours_copy),
         "ttfb_s": {"atempstore": median(ours_ttfb), "copy-then-serve": median(peers_ttfb)},
         "readers": READERS,
         "throughput_Bps": {"atempstore (while copying)": ours_tp, "aiofiles (local)": peers_tp},
@@ -392,17 +398,18 @@ def main() -> None:
     assert isinstance(ttfb, dict)
     assert isinstance(tp, dict)
     assert isinstance(rss, dict)
+    ratio = results["copy_ratio"]
+    assert isinstance(ratio, float)
     print_table(
         f"Copy {args.size_mib} MiB into the cache, no readers (median of {args.rounds})",
-        ["", "seconds", "ratio (peer/ours)"],
+        ["", "seconds", "speed ratio, paired per round"],
         [
             ["atempstore FileCache", copy_s["atempstore"], 1.0],
-            [
-                "shutil.copyfile + fsync",
-                copy_s["copyfile+fsync"],
-                copy_s["copyfile+fsync"] / copy_s["atempstore"],
-            ],
+            ["shutil.copyfile + fsync", copy_s["copyfile+fsync"], 1 / ratio],
         ],
+    )
+    print(
+        f"atempstore copies {results['copy_ratio']:.2f}x as fast as copyfile + fsync (bar: >= 0.9)"
     )
     print_table(
         f"Time to first 64 KiB of a {args.size_mib} MiB file, cold (median of {args.rounds})",
