@@ -29,25 +29,32 @@ async def test_stop_iteration_cannot_end_the_awaiting_coroutine() -> None:
 
 
 async def test_concurrent_calls_overlap_up_to_the_pool_size() -> None:
-    # 40 calls that each wait for the others: only POOL_THREADS can run at
-    # once, and that many must (a pool that ran them one by one would fail).
+    # POOL_THREADS calls that each wait for all the others: they must all run
+    # at once (a pool that ran them one by one would break the barrier).
     barrier = threading.Barrier(POOL_THREADS, timeout=5)
     arrivals = await asyncio.gather(*(run_sync(barrier.wait) for _ in range(POOL_THREADS)))
     assert sorted(arrivals) == list(range(POOL_THREADS))
-    running = 0
-    peak = 0
+    # And never more: calls beyond the pool size wait for a free thread.
+    running = peak = 0
     lock = threading.Lock()
+    release = threading.Event()
 
-    def busy() -> None:
+    def hold() -> None:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
-        time.sleep(0.02)
+        release.wait(5)
         with lock:
             running -= 1
 
-    await asyncio.gather(*(run_sync(busy) for _ in range(POOL_THREADS + 8)))
+    calls = asyncio.gather(*(run_sync(hold) for _ in range(POOL_THREADS + 8)))
+    while running < POOL_THREADS:
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.1)  # time for a 33rd call to start, if it could
+    assert peak == POOL_THREADS
+    release.set()
+    await calls
     assert peak == POOL_THREADS
 
 
