@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -20,6 +23,37 @@ async def test_result_and_error_come_back() -> None:
     assert await run_sync(lambda: threading.current_thread() is threading.main_thread()) is False
     with pytest.raises(ZeroDivisionError):
         await run_sync(lambda: 1 / 0)
+
+
+class Resource:
+    """Something whose finalization a caller may count on."""
+
+
+async def test_the_worker_keeps_nothing_alive_once_it_has_woken_the_caller() -> None:
+    # A caller that drops its last reference right after the await must see
+    # the object finalized at once (a FileStore whose lock fd then closes),
+    # however late the worker thread runs on after waking the loop.  The
+    # call makes its own worker thread stall for 0.3 s right after that
+    # wake-up (a profile hook is per thread), which a loaded machine can do.
+    stall_over = threading.Event()
+
+    def stall_after_the_wake_up(frame: FrameType, event: str, arg: object) -> None:
+        if event == "return" and frame.f_code.co_name == "call_soon_threadsafe":
+            sys.setprofile(None)
+            time.sleep(0.3)
+            stall_over.set()
+
+    def use(resource: Resource) -> None:
+        assert isinstance(resource, Resource)
+        sys.setprofile(stall_after_the_wake_up)
+
+    resource = Resource()
+    alive = weakref.ref(resource)
+    await run_sync(use, resource)
+    del resource
+    assert not stall_over.is_set()  # the worker is still stalled...
+    assert alive() is None  # ...and holds nothing of the call any more
+    assert await asyncio.to_thread(stall_over.wait, 5)
 
 
 async def test_stop_iteration_cannot_end_the_awaiting_coroutine() -> None:

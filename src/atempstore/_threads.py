@@ -197,14 +197,16 @@ class _Hop:
             self._state = "failed" if error is not None else "finished"
             waiter = self._waiter
         if waiter is None:
-            return partial(self._call_soon, _settle, self._future, self.result, error)
+            # The wake-up refers to neither this hop (and so the call and its
+            # arguments) nor, once the loop has taken it, the outcome: the
+            # worker may run on late after waking the loop, and a caller that
+            # drops an object right after its await must see it finalized
+            # (a FileStore whose lock fd then closes, say).
+            outcome = [self._future, self.result, error]
+            return partial(_call_soon, self._loop, _settle, outcome)
         if error is None and self._undo is not None:
             self._undo(self.result)  # the caller is gone: nobody else will
-        return partial(self._call_soon, _wake, waiter)
-
-    def _call_soon(self, callback: Callable[..., object], *args: object) -> None:
-        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
-            self._loop.call_soon_threadsafe(callback, *args)
+        return partial(_call_soon, self._loop, _wake, waiter)
 
     def drop(self) -> None:
         """Keep the call from starting if it has not started yet."""
@@ -226,7 +228,17 @@ class _Hop:
         return False
 
 
-def _settle(future: asyncio.Future[Any], result: object, error: BaseException | None) -> None:
+def _call_soon(
+    loop: asyncio.AbstractEventLoop, callback: Callable[..., object], *args: object
+) -> None:
+    with contextlib.suppress(RuntimeError):  # loop closed: nobody waits
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _settle(outcome: list[Any]) -> None:
+    """On the loop: hand ``[future, result, error]`` over, emptying the list."""
+    future, result, error = outcome
+    outcome.clear()
     if future.done():  # the caller was cancelled meanwhile
         return
     if error is None:
