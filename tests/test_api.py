@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 import atempstore
+
+from .conftest import run_python
 
 
 def test_all_names_exist_and_are_sorted_once() -> None:
@@ -45,3 +55,118 @@ def test_top_level_names_come_from_private_modules() -> None:
 
 def test_version_comes_from_package_metadata() -> None:
     assert atempstore.__version__ != "0.0.0"
+
+
+FIRST_USE = """
+import asyncio, os, sys, threading
+import atempstore
+from atempstore import FileCache, FileStore, Lock, SessionStorage, TempFileManager, open_atomic
+
+on_loop: list[str] = []
+watching = False
+
+def hook(event: str, args: tuple) -> None:
+    # "import" fires when a module is actually found and loaded.
+    if event == "import" and watching and threading.current_thread() is threading.main_thread():
+        on_loop.append(args[0])
+
+sys.addaudithook(hook)
+
+async def main(base: str) -> None:
+    global watching
+    watching = True
+    async with Lock(os.path.join(base, "lock"), timeout=5) as fh:
+        await fh.write("x")
+    async with open_atomic(os.path.join(base, "atomic"), binary=True) as out:
+        await out.write(b"x")
+    async with TempFileManager(prefix="first-use") as temp:
+        await temp.remove_path(await temp.create_path())
+    storage = await SessionStorage.create(os.path.join(base, "sessions"))
+    await storage.save_checkpoint(b"x")
+    await storage.load_checkpoint()
+    async with FileStore(os.path.join(base, "store")) as store:
+        await store.prepare()
+        await store.deliver(b"x")
+        messages = store.consume()
+        message = await anext(messages)
+        await message.read()
+        await message.done()
+        await messages.aclose()
+    source = os.path.join(base, "source")
+    with open(source, "wb") as file:
+        file.write(b"x" * 100_000)
+    async with FileCache(os.path.join(base, "cache"), max_size=10**7) as cache:
+        async with cache.open(source) as reader:
+            assert await reader.read(0, 10) == b"x" * 10
+    watching = False
+
+asyncio.run(main(sys.argv[1]))
+print(" ".join(sorted(set(on_loop))) or "none")
+"""
+
+
+def test_first_use_imports_nothing_on_the_event_loop(tmp_path: Path) -> None:
+    # An import is blocking I/O (stat, read, and module code holding the GIL):
+    # a library that imports lazily on the loop stalls it the first time each
+    # component is used (anyio's backend module alone took 15-20 ms here).
+    # A fresh interpreter, so that nothing was imported by earlier tests.
+    result = run_python(FIRST_USE, str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["none"], result.stdout
+
+
+INOTIFY_USERS = """
+import asyncio, os, sys
+from atempstore import FileCache, FileStore
+
+async def main(base: str) -> None:
+    async with FileStore(os.path.join(base, "store")) as store:
+        await store.prepare()
+        await store.deliver(b"x")
+        messages = store.consume()
+        await (await anext(messages)).done()
+        await messages.aclose()
+    source = os.path.join(base, "source")
+    with open(source, "wb") as file:
+        file.write(b"x" * 1000)
+    async with FileCache(os.path.join(base, "cache"), max_size=10**6) as cache:
+        async with cache.open(source) as reader:
+            await reader.read(0, 10)
+
+print(os.getpid(), flush=True)
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+@pytest.mark.faults
+def test_inotify_fds_are_closed_off_the_event_loop(tmp_path: Path) -> None:
+    # Closing an inotify fd waits for an RCU grace period in the kernel
+    # (milliseconds): consume() and FileCache must do it in a worker thread.
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    log = tmp_path / "strace.log"
+    done = subprocess.run(
+        [
+            *("strace", "-f", "-qq", "-e", "signal=none", "-o", str(log)),
+            *("-e", "trace=inotify_init1,close"),
+            *(sys.executable, "-c", INOTIFY_USERS, str(tmp_path)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent / "src")},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    main_thread = done.stdout.split()[0]
+    open_fds: dict[str, str] = {}  # inotify fd -> thread that opened it
+    closes = []
+    for line in log.read_text().splitlines():
+        thread, call = line.split(maxsplit=1)
+        if opened := re.match(r"inotify_init1\(.*\) += (\d+)$", call):
+            open_fds[opened.group(1)] = thread
+        elif (closed := re.match(r"close\((\d+)\) += 0$", call)) and closed.group(1) in open_fds:
+            del open_fds[closed.group(1)]
+            closes.append(thread)
+    assert len(closes) >= 2, log.read_text()  # the consumer's and the cache's
+    assert main_thread not in closes

@@ -37,6 +37,15 @@ from typing import Any, TypeVar
 from anyio import CapacityLimiter
 from typing_extensions import TypeVarTuple, Unpack
 
+# Imported here, at import time, because otherwise they are imported lazily on
+# the event loop, the first time a component is used: anyio loads its asyncio
+# backend when the first limiter or event is created (15-20 ms of stat, read
+# and module code on this project's VMs), and asyncio's default executor, which
+# aiofiles handles use, imports concurrent.futures.thread when it is first
+# created.  (tests/test_api.py::test_first_use_imports_nothing_on_the_event_loop)
+import anyio._backends._asyncio  # noqa: F401  # isort: skip
+import concurrent.futures.thread  # noqa: F401  # isort: skip
+
 __all__ = ("POOL_THREADS", "run_sync", "run_wait")
 
 T = TypeVar("T")
