@@ -362,6 +362,24 @@ async def test_fail_when_locked_and_timeout(tmp_path: Path) -> None:
     assert lock_is_free(path)
 
 
+async def test_a_given_up_wait_never_holds_the_lock_after_release(tmp_path: Path) -> None:
+    # A timed-out (or cancelled) acquire leaves a thread blocked in flock: it
+    # takes the lock for a moment when the holder lets go, then drops it.
+    # Once release() or unlock() has returned in this process, that moment
+    # is over; without the wait the loop would keep the GIL from that thread
+    # and the probe below would find the lock taken.
+    path = tmp_path / "g.lock"
+    for round_ in range(20):
+        holder = Lock(path)
+        handle = await holder.acquire()
+        with pytest.raises(LockTimeout):
+            await Lock(path, timeout=0.01).acquire()
+        if round_ % 2:
+            await unlock(handle)  # the function form waits them out too
+        await holder.release()
+        assert lock_is_free(path), f"round {round_}"
+
+
 # --- lock() / unlock() ------------------------------------------------------------------------
 
 

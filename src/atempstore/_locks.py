@@ -141,9 +141,15 @@ class _Waiter:
     waiting when the lock is granted, the task takes the result; if the task
     abandoned the wait, the thread releases the lock it got and closes ``fd``.
     A mutex makes "granted" and "abandoned" mutually exclusive.
+
+    A blocked ``flock`` cannot be called off, so an abandoned waiter (a
+    "ghost") still takes the lock for a moment once its holder lets go: until
+    its thread gets the GIL back and unlocks.  Ghosts are registered by file
+    (`_ghosts`) so that a release in this process can wait them out
+    (`settle_ghosts`): when ``release()`` returns, the lock is free.
     """
 
-    __slots__ = ("_fd", "_flags", "_mutex", "_state", "error")
+    __slots__ = ("_fd", "_flags", "_mutex", "_state", "error", "gone", "key")
 
     def __init__(self, fd: int, flags: int) -> None:
         self._fd = fd
@@ -151,6 +157,8 @@ class _Waiter:
         self._mutex = threading.Lock()
         self._state = "waiting"
         self.error: OSError | None = None
+        self.key: tuple[int, int] = (0, 0)
+        self.gone = threading.Event()
 
     def run(self) -> None:  # in the waiting thread
         try:
@@ -161,13 +169,20 @@ class _Waiter:
             abandoned = self._state == "abandoned"
             self._state = "done"
         if abandoned:
-            self._close()
+            try:
+                self._close()
+            finally:
+                _forget_ghost(self)
 
     def abandon(self) -> bool:
         """Give up the wait; True if the thread will clean up after itself."""
+        key = _file_key(self._fd)  # an fd call: before the thread may close it
         with self._mutex:
             if self._state == "waiting":
                 self._state = "abandoned"
+                self.key = key
+                with _ghosts_mutex:
+                    _ghosts.setdefault(key, set()).add(self)
                 return True
             return False
 
@@ -179,6 +194,51 @@ class _Waiter:
     def close(self) -> None:
         """Close the thread's ``dup``; the lock stays with the original fd."""
         os.close(self._fd)
+
+
+# Abandoned waiters by (device, inode) of their file; see `_Waiter`.
+_ghosts: dict[tuple[int, int], set[_Waiter]] = {}
+_ghosts_mutex = threading.Lock()
+#: How long a release waits for this process's ghosts of the file.  A ghost
+#: that is still blocked after that lost the lock to another process.
+GHOST_WAIT = 0.05
+
+
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _forget_ghost(waiter: _Waiter) -> None:
+    with _ghosts_mutex:
+        waiting = _ghosts.get(waiter.key)
+        if waiting is not None:
+            waiting.discard(waiter)
+            if not waiting:
+                del _ghosts[waiter.key]
+    waiter.gone.set()
+
+
+def _ghosts_of(fd: int) -> list[_Waiter]:
+    """This process's ghosts waiting for ``fd``'s file (none: no syscall at all)."""
+    if not _ghosts:
+        return []
+    key = _file_key(fd)
+    with _ghosts_mutex:
+        return list(_ghosts.get(key, ()))
+
+
+def _wait_out_ghosts(ghosts: list[_Waiter]) -> None:
+    deadline = time.monotonic() + GHOST_WAIT
+    for ghost in ghosts:
+        ghost.gone.wait(max(0.0, deadline - time.monotonic()))
+
+
+async def settle_ghosts(ghosts: list[_Waiter]) -> None:
+    """After an unlock: let this process's ghosts of the file take and drop
+    the lock (they need the GIL, which a loop that never awaits would keep)."""
+    if ghosts:
+        await run_sync(_wait_out_ghosts, ghosts, abandon_on_cancel=True)
 
 
 async def _wait_for_lock(fd: int, kind: int) -> OSError | None:
@@ -279,7 +339,9 @@ async def unlock(file: FileArgument) -> None:
     def release() -> None:
         if flush is not None:
             flush()
+        ghosts = _ghosts_of(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
+        _wait_out_ghosts(ghosts)  # see `_Waiter`
 
     try:
         await run_sync(release)
@@ -595,6 +657,7 @@ class Lock(Generic[H]):
         try:
             if file.closed:
                 return  # the user closed it: closing released the lock
+            ghosts = _ghosts_of(file.fileno())
             if getattr(handle, "_atempstore_dirty", False):
                 await run_sync(_flush_unlock_close, file)
             else:
@@ -602,6 +665,7 @@ class Lock(Generic[H]):
                 # wait on the disk, so the lock is handed over without a hop.
                 fcntl.flock(file.fileno(), fcntl.LOCK_UN)
                 file.close()
+            await settle_ghosts(ghosts)
         finally:
             mutex = self._mutex
             if mutex is not None and mutex.locked():
