@@ -230,20 +230,21 @@ async def our_first_byte(src: Path, directory: Path, size: int) -> float:
 # 3. Many readers
 
 
-def rss_now() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_now() -> int:
+    return _status_bytes("VmRSS")
 
 
 def rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmHWM")
 
 
 def reset_peak() -> None:
