@@ -157,6 +157,32 @@ async def test_undo_runs_when_cancelled_during_the_call() -> None:
     assert undone == ["token"]
 
 
+async def test_a_failing_undo_is_reported_and_the_caller_still_gets_its_cancellation() -> None:
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+
+    def claim() -> str:
+        time.sleep(0.2)
+        return "token"
+
+    def undo(_token: str) -> None:
+        raise OSError("EIO while giving it back")
+
+    try:
+        task = asyncio.ensure_future(run_sync(claim, undo=undo))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)  # not a hang
+        await asyncio.sleep(0.01)  # the report is scheduled on the loop
+    finally:
+        loop.set_exception_handler(None)
+    [context] = reported
+    assert isinstance(context["exception"], OSError)
+    assert "rolling back" in str(context["message"])
+
+
 async def test_undo_runs_when_cancelled_after_the_call_returned() -> None:
     loop = asyncio.get_running_loop()
     undone: list[str] = []

@@ -214,7 +214,16 @@ class _Hop:
             outcome = [self._future, self.result, error]
             return partial(_call_soon, self._loop, _settle, outcome)
         if error is None and self._undo is not None:
-            self._undo(self.result)  # the caller is gone: nobody else will
+            try:
+                self._undo(self.result)  # the caller is gone: nobody else will
+            except Exception as exc:
+                # Nobody is left to raise it to: report it the way asyncio
+                # reports an exception no task retrieved, and still wake the
+                # caller, which waits for this call to end.
+                report = {"message": "atempstore: rolling back a cancelled call failed"}
+                _call_soon(
+                    self._loop, self._loop.call_exception_handler, {**report, "exception": exc}
+                )
         return partial(_call_soon, self._loop, _wake, waiter)
 
     def drop(self) -> None:
