@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,7 @@ from .blocking import forbid_blocking_io
 __all__ = (
     "forbid_blocking_io",
     "lock_is_held",
+    "mounted_tmpfs",
     "open_fds",
     "run_python",
     "spawn_python",
@@ -78,3 +81,40 @@ def lock_is_held(lock_path: str | os.PathLike[str]) -> bool:
 def open_fds() -> int:
     """How many file descriptors this process has open."""
     return len(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``where`` (created) with ``options`` such as
+    ``size=256k`` or ``nr_inodes=4``, for a real ENOSPC; unmounted afterwards.
+
+    Skips the test, with the reason, where mounting is not permitted.
+    """
+    where.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
+            + (result.stderr.strip() or f"mount exited {result.returncode}")
+        )
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.fixture
+def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every temp-dir candidate inside tmp_path: $ATEMPSTORE_TEMPDIR first, then
+    a fake HOME and a fake system temp dir (so no test touches the real ones)."""
+    monkeypatch.setenv("ATEMPSTORE_TEMPDIR", str(tmp_path / "base"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "systmp"))
+    (tmp_path / "systmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
+    return tmp_path / "base"

@@ -12,10 +12,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import pytest
 
 from atempstore import CachedFile, FileCache, Source, SourceChangedError
 
-from .conftest import open_fds
+from .conftest import mounted_tmpfs, open_fds
 
 MiB = 1 << 20
 
@@ -366,6 +365,20 @@ async def test_follower_of_a_cancelled_copy_finishes_from_the_source(tmp_path: P
 # Sources that change or vanish
 
 
+def change_source(path: Path, change: str) -> None:
+    """Change a source file the way the mid-copy tests need: "truncated" (to
+    1 MiB), "rewritten" (same size, first 4 KiB zeroed, newer mtime) or "deleted"."""
+    if change == "truncated":
+        os.truncate(path, MiB)
+    elif change == "rewritten":
+        with open(path, "r+b") as fh:
+            fh.write(b"\0" * 4096)
+        os.utime(path, ns=(0, time.time_ns() + 10**9))
+    else:
+        assert change == "deleted", change
+        path.unlink()
+
+
 @pytest.mark.parametrize("change", ["truncated", "rewritten", "deleted"])
 async def test_source_changing_mid_copy_never_mixes_bytes(tmp_path: Path, change: str) -> None:
     path = tmp_path / "src.bin"
@@ -391,14 +404,7 @@ async def test_source_changing_mid_copy_never_mixes_bytes(tmp_path: Path, change
         async def mutate() -> None:
             while cache.stats()["copied_bytes"] < 300_000:
                 await asyncio.sleep(0.005)
-            if change == "truncated":
-                os.truncate(path, 1 * MiB)
-            elif change == "rewritten":
-                with open(path, "r+b") as fh:
-                    fh.write(b"\0" * 4096)
-                os.utime(path, ns=(0, time.time_ns() + 10**9))
-            else:
-                path.unlink()
+            change_source(path, change)
 
         await asyncio.gather(*(reader(s) for s in (0, 0, 1000, 700_000)), mutate())
         assert "changed" in outcomes
@@ -498,26 +504,10 @@ async def test_usage_counter_is_rebuilt_when_lost(tmp_path: Path, payload: bytes
         assert await cache.usage() == len(payload)
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 @pytest.mark.faults
 async def test_enospc_on_the_cache_disk_serves_uncached(tmp_path: Path) -> None:
     data = os.urandom(6 * MiB)
-    with small_tmpfs(tmp_path / "small", "2m") as mount:
+    with mounted_tmpfs(tmp_path / "small", "size=2m") as mount:
         src = tmp_path / "src.bin"
         src.write_bytes(data)
         # max_size lies: the disk fills first, with a real ENOSPC.

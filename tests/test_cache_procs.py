@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, spawn_python
+from .test_cache import change_source
 
 MiB = 1 << 20
 
@@ -251,14 +252,7 @@ def test_local_file_changing_mid_copy_is_never_published(tmp_path: Path, change:
         ["copy_file_range:delay_exit=150000"], child(READ_PATH), str(cache_dir), str(path)
     )
     assert expect(proc, "started") == "started copy"
-    if change == "truncated":
-        os.truncate(path, MiB)
-    elif change == "rewritten":
-        with open(path, "r+b") as fh:
-            fh.write(b"\0" * 4096)
-        os.utime(path, ns=(0, time.time_ns() + 10**9))
-    else:
-        path.unlink()
+    change_source(path, change)
     result = finish(proc)
     got_length = int(str(result["length"]))
     assert result["sha"] == hashlib.sha256(original[:got_length]).hexdigest(), "mixed bytes"

@@ -6,7 +6,6 @@ import os
 import pwd
 import subprocess
 import sys
-import tempfile
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -16,16 +15,6 @@ from .conftest import REPO
 from .test_tempfiles import holder
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
-
-
-@pytest.fixture
-def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("ATEMPSTORE_TEMPDIR", str(tmp_path / "base"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "systmp"))
-    (tmp_path / "systmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
-    return tmp_path / "base"
 
 
 def atempstore(*args: str) -> subprocess.CompletedProcess[str]:

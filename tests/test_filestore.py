@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from atempstore import AtempstoreError, FileStore, InvalidNameError, Message
 from atempstore._filestore import rename_noreplace
 from atempstore.cli import main as cli_main
 
-from .conftest import REPO, run_python, spawn_python
+from .conftest import REPO, mounted_tmpfs, run_python, spawn_python
 
 BAD_NAMES = ["", ".", "..", "a/b", "/abs", "nul\0byte", ".hidden", "../escape"]
 
@@ -226,28 +225,9 @@ async def test_names_unique_within_one_second(tmp_path: Path) -> None:
     assert all(n.startswith("1700000000.M250000P") for n in got)
 
 
-MOUNT_HELP = "mount -t tmpfs needs root and a kernel that allows it here"
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"{MOUNT_HELP}: {done.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
 @pytest.mark.faults
 async def test_deliver_enospc_leaves_nothing(tmp_path: Path) -> None:
-    with small_tmpfs(tmp_path / "mnt", "256k") as mnt:
+    with mounted_tmpfs(tmp_path / "mnt", "size=256k") as mnt:
         store = FileStore(mnt / "store")
         await store.prepare()
         kept = await store.deliver(b"small")

@@ -17,6 +17,7 @@ The guarantee under test (SPEC §4): whatever happens, a later
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import inspect
@@ -38,7 +39,7 @@ import pytest
 from atempstore import LockedStorageError, SessionStorage
 from atempstore._session import NEXT_FILE
 
-from .conftest import REPO, spawn_python
+from .conftest import REPO, mounted_tmpfs, spawn_python
 
 TRIALS = int(os.environ.get("ATEMPSTORE_CRASH_TRIALS", "500"))
 STRACE = shutil.which("strace")
@@ -467,30 +468,13 @@ def test_two_tasks_one_wins(tmp_path: Path) -> None:
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Mount size-limited tmpfs file systems; unmounted after the test."""
-    mounted: list[Path] = []
+    with contextlib.ExitStack() as mounts:
+        points = (tmp_path / f"tmpfs{n}" for n in range(100))
 
-    def mount(options: str) -> Path:
-        point = tmp_path / f"tmpfs{len(mounted)}"
-        point.mkdir()
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.skip(
-                "cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): "
-                + (result.stderr.strip() or f"mount exited {result.returncode}")
-            )
-        mounted.append(point)
-        return point
+        def mount(options: str) -> Path:
+            return mounts.enter_context(mounted_tmpfs(next(points), options))
 
-    try:
         yield mount
-    finally:
-        for point in mounted:
-            subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.mark.faults

@@ -35,22 +35,10 @@ from atempstore import (
     get_manager,
 )
 
-from .conftest import REPO, lock_is_held, run_python, spawn_python
+from .conftest import REPO, lock_is_held, mounted_tmpfs, run_python, spawn_python
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
 OTHER_UID = 65534  # nobody
-
-
-@pytest.fixture
-def base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every candidate inside tmp_path: $ATEMPSTORE_TEMPDIR first, then a fake HOME
-    and a fake system temp dir (so no test ever touches the real ones)."""
-    monkeypatch.setenv("ATEMPSTORE_TEMPDIR", str(tmp_path / "base"))
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "systmp"))
-    (tmp_path / "systmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "systmp"))
-    return tmp_path / "base"
 
 
 def snapshot(root: Path, *, skip: Path | None = None) -> dict[str, tuple[int, int, int, str]]:
@@ -643,17 +631,7 @@ asyncio.run(main())
 @pytest.fixture
 def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs with no free inode left (real ENOSPC on any create)."""
-    mnt = tmp_path / "full"
-    mnt.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=4", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "full", "size=1m,nr_inodes=4") as mnt:
         (mnt / "base").mkdir()
         with contextlib.suppress(OSError):
             for i in range(10):
@@ -661,8 +639,6 @@ def full_tmpfs(tmp_path: Path) -> Iterator[Path]:
         with pytest.raises(OSError, match="No space left on device"):
             (mnt / "base" / "probe").write_text("")
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.faults
