@@ -14,7 +14,7 @@ from types import FrameType
 
 import pytest
 
-from atempstore._threads import POOL_THREADS, run_sync, run_wait
+from atempstore._threads import POOL_THREADS, SLOW_THREADS, run_sync, run_wait
 
 from .conftest import run_python
 
@@ -90,6 +90,58 @@ async def test_concurrent_calls_overlap_up_to_the_pool_size() -> None:
     release.set()
     await calls
     assert peak == POOL_THREADS
+
+
+async def test_slow_work_never_occupies_the_file_threads() -> None:
+    # More stuck slow calls than the file pool has threads: a file call must
+    # still get a thread at once (SPEC.md: 40 readers stuck on a source whose
+    # pread takes a second, and an unrelated open_atomic takes milliseconds).
+    stuck = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hang() -> None:
+        started.release()
+        stuck.wait(10)
+
+    hung = [asyncio.ensure_future(run_sync(hang, slow=True)) for _ in range(POOL_THREADS + 8)]
+    try:
+        for _ in range(POOL_THREADS + 8):
+            assert await asyncio.to_thread(started.acquire, True, 5)
+        begin = time.perf_counter()
+        assert await run_sync(threading.current_thread) is not threading.current_thread()
+        assert time.perf_counter() - begin < 0.5
+    finally:
+        stuck.set()
+        await asyncio.gather(*hung)
+
+
+def test_slow_work_does_not_keep_the_interpreter_from_exiting() -> None:
+    # A source read that hangs forever must not hang the interpreter's exit:
+    # slow threads are daemon threads (nothing they do is ever published).
+    result = run_python(
+        """
+        import asyncio, threading
+        from atempstore._threads import run_sync
+
+        started = threading.Event()
+
+        def hang() -> None:
+            started.set()
+            threading.Event().wait()
+
+        async def main() -> None:
+            asyncio.ensure_future(run_sync(hang, slow=True, abandon_on_cancel=True))
+            await asyncio.to_thread(started.wait, 5)
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(main())
+        print("exiting", flush=True)
+        """,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["exiting"]
+    assert SLOW_THREADS >= 40
 
 
 def test_work_handed_over_finishes_at_interpreter_exit(tmp_path: Path) -> None:

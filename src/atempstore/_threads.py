@@ -7,6 +7,14 @@ one per syscall.  Two kinds of thread keep the kinds of work apart:
 * file work (open, write, fsync, rename, ...) runs on `_Pool`, the library's
   own pool of up to `POOL_THREADS` threads (optionally further limited by an
   anyio `CapacityLimiter`, as the cache does for its readers);
+* slow work, which waits on something outside this host's disk (a
+  `Source.pread` of a slow origin, a whole copy, a ledger lock held by another
+  process), runs with ``slow=True`` on a second pool of its own, of at most
+  `SLOW_THREADS` daemon threads.  Forty readers stuck on a source whose pread
+  takes a second then occupy slow threads only, and an unrelated
+  ``open_atomic`` still finds a file thread at once (SPEC.md, introduction).
+  They are daemon threads because a hung source read must not keep the
+  interpreter from exiting: what they were doing is never published;
 * a thread that sits in a blocking ``flock`` until another process lets go
   runs through :func:`run_wait` on a daemon thread of its own.  Such a wait
   can last forever, so it must never occupy a pool thread that file work
@@ -46,13 +54,15 @@ from typing_extensions import TypeVarTuple, Unpack
 import anyio._backends._asyncio  # noqa: F401  # isort: skip
 import concurrent.futures.thread  # noqa: F401  # isort: skip
 
-__all__ = ("POOL_THREADS", "run_sync", "run_wait")
+__all__ = ("POOL_THREADS", "SLOW_THREADS", "run_sync", "run_wait")
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 #: Worker threads for file operations, per process.
 POOL_THREADS = 32
+#: Worker threads for slow work (source reads, copies, lock waits), per process.
+SLOW_THREADS = 64
 
 
 class _Pool:
@@ -67,9 +77,11 @@ class _Pool:
     on this project's 2-core VMs (``benchmarks/bench_session.py``).
     """
 
-    def __init__(self, max_threads: int) -> None:
+    def __init__(self, max_threads: int, *, daemon: bool = False, name: str = "atempstore") -> None:
         self._jobs: queue.SimpleQueue[_Hop | None] = queue.SimpleQueue()
         self._max_threads = max_threads
+        self._daemon = daemon
+        self._name = name
         self._threads = 0
         self._idle = 0  # threads that have finished a job and will take another
         self._count_lock = threading.Lock()
@@ -88,9 +100,10 @@ class _Pool:
                 start = True
         self._jobs.put(job)
         if start:
-            # Not daemon: work already handed over finishes even at interpreter
-            # exit (``_close`` lets the threads go once the queue is drained).
-            threading.Thread(target=self._work, name="atempstore").start()
+            # The file pool is not daemon: work already handed over finishes
+            # even at interpreter exit (``_close`` lets the threads go once the
+            # queue is drained).  The slow pool is: see the module docstring.
+            threading.Thread(target=self._work, name=self._name, daemon=self._daemon).start()
 
     def _work(self) -> None:
         get = self._jobs.get
@@ -119,6 +132,7 @@ _register_atexit: Callable[[Callable[[], object]], None] = getattr(
 )
 
 _pool: _Pool | None = None
+_slow_pool: _Pool | None = None
 _pool_lock = threading.Lock()
 
 
@@ -133,11 +147,23 @@ def _get_pool() -> _Pool:
     return pool
 
 
+def _get_slow_pool() -> _Pool:
+    global _slow_pool
+    pool = _slow_pool
+    if pool is None:
+        with _pool_lock:
+            if _slow_pool is None:
+                _slow_pool = _Pool(SLOW_THREADS, daemon=True, name="atempstore slow")
+            pool = _slow_pool
+    return pool
+
+
 def _forget_pool_after_fork() -> None:
-    # A forked child inherits the pool's bookkeeping but none of its threads:
-    # work submitted there would wait forever.  Start afresh.
-    global _pool, _pool_lock
+    # A forked child inherits the pools' bookkeeping but none of their
+    # threads: work submitted there would wait forever.  Start afresh.
+    global _pool, _slow_pool, _pool_lock
     _pool = None
+    _slow_pool = None
     _pool_lock = threading.Lock()
 
 
@@ -286,6 +312,7 @@ async def run_sync(
     abandon_on_cancel: bool = False,
     limiter: CapacityLimiter | None = None,
     undo: Callable[[T], object] | None = None,
+    slow: bool = False,
 ) -> T:
     """Run ``func(*args)`` in a worker thread and return its result.
 
@@ -295,15 +322,19 @@ async def run_sync(
     result, ``undo(result)`` runs in a worker thread before the cancellation
     goes on (give back a claim, close a file).  Only read-only work may pass
     ``abandon_on_cancel=True``.  ``limiter`` caps how many calls sharing it run
-    at once.  The caller's context variables are visible to ``func``.
+    at once.  ``slow=True`` runs it on the slow pool (work that waits on a
+    source, a copy or another process), never on a thread file work needs.
+    The caller's context variables are visible to ``func``.
     """
     if limiter is not None:
         async with limiter:
-            return await run_sync(func, *args, abandon_on_cancel=abandon_on_cancel, undo=undo)
+            return await run_sync(
+                func, *args, abandon_on_cancel=abandon_on_cancel, undo=undo, slow=slow
+            )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     hop = _Hop(loop, future, func, args, undo)
-    _get_pool().submit(hop)
+    (_get_slow_pool() if slow else _get_pool()).submit(hop)
     try:
         return await future
     except BaseException:
