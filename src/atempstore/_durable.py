@@ -19,6 +19,7 @@ from collections.abc import Callable
 __all__ = (
     "create_exclusive",
     "fsync_dir",
+    "makedirs",
     "open_dir",
     "publish_link",
     "publish_new_file",
@@ -33,10 +34,49 @@ __all__ = (
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
+#: Characters of the target's name kept in a temporary name.  NAME_MAX is 255
+#: bytes; the rest of the temporary name takes 17, so any valid target name
+#: (up to 255 bytes) still gets a valid temporary name beside it.
+_TEMP_STEM = 200
+
+
 def temp_name(final: str) -> str:
-    """A hidden, unguessable temporary name beside ``final`` (same directory)."""
+    """A hidden, unguessable temporary name beside ``final`` (same directory).
+
+    At most 218 bytes long whatever the length of ``final``'s name: a target
+    name of 245 bytes is valid, and its temporary name must be too.
+    """
     head, tail = os.path.split(final)
-    return os.path.join(head, f".{tail}.{secrets.token_hex(6)}.tmp")
+    stem = os.fsdecode(os.fsencode(tail)[:_TEMP_STEM])
+    return os.path.join(head, f".{stem}.{secrets.token_hex(6)}.tmp")
+
+
+def makedirs(path: str, mode: int = 0o700) -> bool:
+    """``mkdir -p`` in which *every* directory created gets ``mode``; True if
+    ``path`` itself was created.
+
+    ``os.makedirs(mode=)`` applies the mode to the last level only: a base such
+    as ``~/.atempstore/tmp`` must not leave ``~/.atempstore`` readable by
+    others.  Each directory created is made durable: its parent is fsynced, so
+    a power cut cannot lose a directory that files were then published in.
+    """
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise  # as os.makedirs(exist_ok=True) does: a file is in the way
+        return False
+    except FileNotFoundError:
+        parent = os.path.dirname(path.rstrip(os.sep)) or "."
+        if parent == path:
+            raise
+        makedirs(parent, mode)
+        try:
+            os.mkdir(path, mode)
+        except FileExistsError:  # created meanwhile by another process
+            return False
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return True
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

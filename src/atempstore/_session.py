@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ._durable import fsync_dir, open_dir, publish_replace, unlink_quietly, write_new_file
+from ._durable import fsync_dir, makedirs, open_dir, publish_replace, unlink_quietly, write_new_file
 from ._errors import LockedStorageError
 from ._paths import remove_at
 from ._threads import run_sync
@@ -362,7 +362,7 @@ class SessionStorageRepository:
 
 
 def _create(base_dir: str, stem: str) -> Path:
-    os.makedirs(base_dir, mode=_DIR_MODE, exist_ok=True)
+    makedirs(base_dir, _DIR_MODE)
     attempt = 0
     while True:
         # mkdir is the claim: it fails if the name exists, so two creators in

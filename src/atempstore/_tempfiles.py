@@ -46,6 +46,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import AsyncResource
 
+from ._durable import makedirs
 from ._errors import InvalidNameError, NoUsableDirectoryError, UnsafeDirectoryError
 from ._locks import try_lock_exclusive
 from ._paths import check_name, confine, open_beneath, open_dir_nofollow, remove_at
@@ -116,28 +117,6 @@ def _lookup_username() -> str:
         return str(uid)
 
 
-def _makedirs(path: str) -> bool:
-    """``mkdir -p`` where every directory created gets mode 0700; True if created.
-
-    ``os.makedirs`` applies its mode to the last level only; a base such as
-    ``~/.atempstore/tmp`` must not leave ``~/.atempstore`` readable by others.
-    """
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return False
-    except FileNotFoundError:
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise
-        _makedirs(parent)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:  # created meanwhile by another process
-            return False
-    return True
-
-
 def _probe_lock(base_fd: int) -> None:
     """Create a file in ``base_fd`` and ``flock`` it, then drop both.
 
@@ -194,7 +173,7 @@ def _why(exc: BaseException) -> str:
 def _try_base(path: str) -> str | None:
     """Create ``path`` (0700) and take a test lock in it; why it failed, or None."""
     try:
-        _makedirs(path)
+        makedirs(path)
     except OSError as exc:
         return f"cannot create it: {_why(exc)}"
     try:
@@ -1040,7 +1019,7 @@ class TempFileManager(AsyncResource):
             created = await manager.create("/srv/myapp/scratch")
             ```
         """
-        return await run_sync(_makedirs, os.fspath(dir))
+        return await run_sync(makedirs, os.fspath(dir))
 
     # Used by get_manager: started, not cleaned up, and ours (not inherited via fork).
     def _usable_here(self) -> bool:
