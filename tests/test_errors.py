@@ -71,3 +71,25 @@ def test_context_is_read_only() -> None:
         error.timeout = 2.0  # type: ignore[misc]
     with pytest.raises(AttributeError):
         error.path = "/y"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LockedStorageError("a save is in progress", path="/s/session.next"),
+        UnsafeDirectoryError("belongs to another user", path="/u"),
+        SourceChangedError("changed while it was read", path="/src"),
+        NoUsableDirectoryError("none works", failures={"/a": "read-only", "/b": "ENOLCK"}),
+    ],
+)
+def test_os_errors_carry_filename_and_name_it(error: OSError) -> None:
+    # As the builtin errors do: `exc.filename` is the path, and the message
+    # names it even when the raiser's text did not.
+    assert isinstance(error, AtempstoreError)
+    assert error.filename == error.path
+    assert error.filename is not None
+    assert error.filename in str(error)
+    assert not str(error).startswith("[Errno")
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.filename == error.filename
+    assert str(copy) == str(error)

@@ -45,15 +45,46 @@ class AtempstoreError(Exception):
     """
 
     def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        path = _fspath(path)
+        if path is not None and path not in message:
+            message = f"{message} ({path!r})"  # the message always names the path
         # Cooperative: the next class in the MRO is the builtin (OSError,
         # ValueError...) or portalocker's exception, which each want the message.
         super().__init__(message)
-        self._path = _fspath(path)
+        self._path = path
 
     @property
     def path(self) -> str | None:
         """The file or directory the error is about, if there is one."""
         return self._path
+
+
+class _PathOSError(AtempstoreError, OSError):
+    """Our `OSError`s: ``filename`` is the path, as the builtin errors have it."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike[str] | None = None) -> None:
+        super().__init__(message, path=path)
+        # Code that logs ``exc.filename`` of any OSError gets ours too.
+        self.filename = self.path
+
+    def __str__(self) -> str:
+        # OSError's own __str__ would print "[Errno None] None: 'path'" once
+        # ``filename`` is set; the message already names the path.
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # OSError pickles (errno, strerror, filename) once filename is set,
+        # which our constructors do not take: rebuild from the message and
+        # the read-only context instead.
+        return (_rebuild, (type(self), str(self), dict(self.__dict__)))
+
+
+def _rebuild(cls: type[_PathOSError], message: str, state: dict[str, object]) -> _PathOSError:
+    error = cls.__new__(cls)
+    error.args = (message,)
+    error.__dict__.update(state)
+    error.filename = error.path
+    return error
 
 
 class LockException(AtempstoreError, _pl.LockException):
@@ -115,7 +146,7 @@ class LockTimeout(AlreadyLocked, TimeoutError):
         return self._timeout
 
 
-class LockedStorageError(AtempstoreError, OSError):
+class LockedStorageError(_PathOSError):
     """A checkpoint save is in progress elsewhere, or a crash left its ``next`` file.
 
     An `OSError`.  Remedy: retry later, or call `SessionStorage.break_lock`
@@ -170,7 +201,7 @@ class InvalidNameError(AtempstoreError, ValueError):
         return self._name
 
 
-class UnsafeDirectoryError(AtempstoreError, PermissionError):
+class UnsafeDirectoryError(_PathOSError, PermissionError):
     """A directory is a symlink, not a directory, someone else's, or writable by others.
 
     A `PermissionError`.  atempstore refuses to use it rather than falling back,
@@ -187,7 +218,7 @@ class UnsafeDirectoryError(AtempstoreError, PermissionError):
     """
 
 
-class NoUsableDirectoryError(AtempstoreError, OSError):
+class NoUsableDirectoryError(_PathOSError):
     """None of the candidate base directories could be created and locked.
 
     An `OSError`; `failures` maps every candidate to why it failed.
@@ -203,7 +234,9 @@ class NoUsableDirectoryError(AtempstoreError, OSError):
     """
 
     def __init__(self, message: str, *, failures: dict[str, str] | None = None) -> None:
-        super().__init__(message)
+        # ``path`` (and so ``filename``) is the first candidate, the one the
+        # user's configuration asked for; the message names every candidate.
+        super().__init__(message, path=next(iter(failures), None) if failures else None)
         self._failures = dict(failures or {})
 
     @property
@@ -212,7 +245,7 @@ class NoUsableDirectoryError(AtempstoreError, OSError):
         return dict(self._failures)
 
 
-class SourceChangedError(AtempstoreError, OSError):
+class SourceChangedError(_PathOSError):
     """A cached file's source changed or vanished while it was being copied.
 
     An `OSError`.  Readers never get mixed bytes; reopen to read the new version.
