@@ -7,7 +7,6 @@ import inspect
 import os
 import pkgutil
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 import atempstore
 
-from .conftest import run_python
+from .conftest import require_tool, run_python
 
 
 def test_all_names_exist_and_are_sorted_once() -> None:
@@ -121,8 +120,7 @@ def test_inotify_fds_are_closed_off_the_event_loop(tmp_path: Path) -> None:
     # Closing an inotify fd waits for an RCU grace period in the kernel
     # (milliseconds): consume() and FileCache must do it in a worker thread.
     # The first-use script above uses both.
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     log = tmp_path / "strace.log"
     done = subprocess.run(
         [

@@ -8,7 +8,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 from atempstore import FileCache
 from atempstore._serve import FileServer, Unsatisfiable, parse_range, parse_size
 
-from .conftest import REPO, run_python
+from .conftest import REPO, require_tool, run_python
 
 MiB = 1 << 20
 BIG = 32 * MiB
@@ -332,13 +331,8 @@ async def test_missing_odd_and_listed(
     sub = await client.get("/sub/")
     assert 'href="/sub/deep/"' in sub.text
     assert ".git" not in sub.text
-    # Permission denied by the file system is 403 (root reads anything: make it a dir).
-    os.chmod(tree.root / "sub" / "deep", 0)
-    try:
-        if os.geteuid() != 0:
-            assert (await client.get("/sub/deep/file.txt")).status_code == 403
-    finally:
-        os.chmod(tree.root / "sub" / "deep", 0o755)
+    # Permission denied by the file system is 403: see
+    # test_permission_denied_by_the_file_system_is_403, which also runs as root.
 
 
 async def test_one_log_line_per_request(
@@ -458,6 +452,35 @@ def cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.multiprocess
+def test_permission_denied_by_the_file_system_is_403(
+    tree: Tree, children: list[subprocess.Popen[str]]
+) -> None:
+    # The server runs as a process of its own so that, under root (as in CI),
+    # it can be stripped of the capabilities that let root read anything
+    # (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): it then meets the mode bits as
+    # any other user does, and the 403 path is really exercised.
+    os.chmod(tree.root / "sub" / "deep", 0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        drop = "-dac_override,-dac_read_search"
+        prefix = [require_tool("setpriv"), f"--inh-caps={drop}", f"--bounding-set={drop}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "atempstore.cli", "serve", str(tree.root)]
+    command += ["--cache", str(tree.cache), "--port", "0", "--exit-after", "30"]
+    proc = subprocess.Popen(
+        [*prefix, *command], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    children.append(proc)
+    try:
+        url, _ = wait_for_url(proc)
+        with httpx.Client(base_url=url, timeout=10) as c:
+            assert c.get("/sub/deep/file.txt").status_code == 403
+            assert c.get("/small.txt").text == "hello\n"  # the rest is still served
+    finally:
+        os.chmod(tree.root / "sub" / "deep", 0o755)
+
+
 def wait_for_url(proc: subprocess.Popen[str]) -> tuple[str, list[str]]:
     assert proc.stdout is not None
     seen = []
@@ -548,8 +571,7 @@ def test_stop_cuts_slow_downloads_after_the_grace(
 def test_exit_after_cancels_a_copy_in_progress_cleanly(
     tree: Tree, children: list[subprocess.Popen[str]]
 ) -> None:
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     # Every copy_file_range takes 300 ms more: the 32 MiB copy would last ~4 s.
     command = ["strace", "-f", "-qq", "-o", "/dev/null"]
@@ -585,8 +607,7 @@ def test_exit_after_cancels_a_copy_in_progress_cleanly(
 def test_file_changing_mid_download_cuts_the_connection_never_mixes_bytes(
     tree: Tree, children: list[subprocess.Popen[str]]
 ) -> None:
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
     command = ["strace", "-f", "-qq", "-o", "/dev/null"]
     command += ["-e", "inject=copy_file_range:delay_exit=200000"]

@@ -35,7 +35,14 @@ from atempstore import (
     get_manager,
 )
 
-from .conftest import REPO, lock_is_held, mounted_tmpfs, run_python, spawn_python
+from .conftest import (
+    REPO,
+    lock_is_held,
+    mounted_tmpfs,
+    require_tool,
+    run_python,
+    spawn_python,
+)
 
 USER = pwd.getpwuid(os.geteuid()).pw_name
 OTHER_UID = 65534  # nobody
@@ -588,8 +595,7 @@ async def test_no_usable_candidate_names_every_one(
 @pytest.mark.multiprocess
 def test_candidate_that_cannot_be_locked_falls_through(base: Path, tmp_path: Path) -> None:
     """Real ENOLCK (what NFS without lockd answers) on the first test lock."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     code = """
 import asyncio
 from atempstore import TempFileManager
