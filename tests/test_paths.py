@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from atempstore import InvalidNameError, PathOutsideStoreError
-from atempstore._durable import publish_link, write_new_file
+from atempstore._durable import makedirs, publish_link, temp_name, write_new_file
 from atempstore._paths import check_name, confine, open_beneath, remove_at
 
 
@@ -95,3 +95,34 @@ def test_publish_link_never_replaces_and_always_removes_the_temp(tmp_path: Path)
         publish_link(tmp, final)
     assert final.read_bytes() == b"first"
     assert not tmp.exists()
+
+
+@pytest.mark.parametrize("length", [1, 200, 245, 255])
+def test_temp_names_stay_valid_for_any_valid_target_name(tmp_path: Path, length: int) -> None:
+    # NAME_MAX is 255 bytes: a target name that is valid must get a valid
+    # temporary name beside it (it once grew by 18 bytes: ENAMETOOLONG).
+    target = str(tmp_path / ("é" * (length // 2) + "x" * (length % 2)))
+    tmp = temp_name(target)
+    assert os.path.dirname(tmp) == str(tmp_path)
+    assert os.path.basename(tmp).startswith(".")
+    assert len(os.fsencode(os.path.basename(tmp))) <= 255
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    assert temp_name(target) != temp_name(target)
+
+
+def test_makedirs_gives_every_level_it_creates_the_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "there").mkdir(mode=0o755)
+        assert makedirs(str(tmp_path / "there" / "a" / "b" / "c"))
+        assert not makedirs(str(tmp_path / "there" / "a" / "b" / "c"))  # exists: fine
+    finally:
+        os.umask(old)
+    assert (tmp_path / "there").stat().st_mode & 0o777 == 0o755  # not ours: untouched
+    for level in ("a", "a/b", "a/b/c"):
+        assert (tmp_path / "there" / level).stat().st_mode & 0o777 == 0o700, level
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(FileExistsError):
+        makedirs(str(tmp_path / "file"))
+    with pytest.raises(NotADirectoryError):
+        makedirs(str(tmp_path / "file" / "below"))

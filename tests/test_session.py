@@ -67,6 +67,10 @@ async def test_create_names_directory_after_prefix_and_utc_time(tmp_path: Path) 
     assert storage.session_file == storage.location / "session"
     assert storage.location.is_dir()
     assert stat.S_IMODE(storage.location.stat().st_mode) == 0o700
+    # Every directory the library created is private, not only the last one
+    # (os.makedirs(mode=) applies its mode to the last level only).
+    for created in (tmp_path / "deep", base):
+        assert stat.S_IMODE(created.stat().st_mode) == 0o700, created
     assert not storage.session_file.exists()
     assert os.listdir(storage.location) == []
 
