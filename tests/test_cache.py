@@ -715,3 +715,181 @@ async def test_doorbell_coalesces_and_falls_back_after_close() -> None:
     await asyncio.to_thread(bell.post, got.append, 100)  # after close: call_soon_threadsafe
     await asyncio.sleep(0.01)
     assert got[-1] == 100
+
+
+# --------------------------------------------------------------------------
+# Slow work never starves other file operations
+
+
+class StuckSource(MemorySource):
+    """A `Source` whose pread waits (up to ``timeout`` s) for ``release``;
+    ``in_flight`` counts the preads waiting, ``crowd`` is set once ``crowd_size`` do."""
+
+    def __init__(
+        self, data: bytes, key: str, gate: StuckGate, *, timeout: float | None = 1.0
+    ) -> None:
+        super().__init__(data, key=key)
+        self.gate = gate
+        self.timeout = timeout
+
+    def pread(self, offset: int, n: int) -> bytes:
+        self.gate.enter()
+        try:
+            self.gate.release.wait(self.timeout)
+        finally:
+            self.gate.leave()
+        return super().pread(offset, n)
+
+
+class StuckGate:
+    def __init__(self, crowd_size: int) -> None:
+        self.release = threading.Event()
+        self.crowd = threading.Event()
+        self.crowd_size = crowd_size
+        self.in_flight = 0
+        self._mutex = threading.Lock()
+
+    def enter(self) -> None:
+        with self._mutex:
+            self.in_flight += 1
+            if self.in_flight >= self.crowd_size:
+                self.crowd.set()
+
+    def leave(self) -> None:
+        with self._mutex:
+            self.in_flight -= 1
+
+
+async def test_forty_readers_of_stuck_sources_do_not_starve_file_operations(
+    tmp_path: Path,
+) -> None:
+    """SPEC intro: 40 readers stuck in a source pread (1 s each) leave file
+    operations at milliseconds: source reads and copies run on the slow pool.
+    On the file pool (32 threads) they took it whole: 0.95 s for a 1-byte
+    open_atomic."""
+    from atempstore import open_atomic
+
+    cached = tmp_path / "cached.bin"
+    cached.write_bytes(b"hello cache")
+    # Sources larger than the cache are served uncached: every read is a pread.
+    # 32 of them plus 8 copies (max_copies) whose first pread waits too.
+    gate = StuckGate(crowd_size=32)  # 32: all the old pool had; 40 get in now
+    big = bytes(2 * MiB)
+    small = bytes(64 * 1024)
+    async with FileCache(tmp_path / "c", max_size=MiB, max_copies=8) as cache:
+        async with cache.open(cached) as f:
+            assert await f.wait_cached()
+        sources = [StuckSource(big, f"uncached{i}", gate) for i in range(32)]
+        sources += [StuckSource(small, f"copied{i}", gate) for i in range(8)]
+        files = [await cache.open(s) for s in sources]
+        try:
+            assert [f.mode for f in files].count("copy") == 8
+            # Uncached: a source read; copied: waits for the copy, whose pread waits.
+            reads = [asyncio.ensure_future(f.read(f.size - 10, 10)) for f in files]
+            await asyncio.to_thread(gate.crowd.wait, 10)
+            assert gate.crowd.is_set()
+
+            t0 = time.perf_counter()
+            async with open_atomic(tmp_path / "one.txt") as out:
+                await out.write(b"x")
+            atomic_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            async with cache.open(cached) as f:
+                assert f.mode == "cache"
+                assert await f.read(0, 5) == b"hello"
+            cached_s = time.perf_counter() - t0
+            in_flight = gate.in_flight
+        finally:
+            gate.release.set()
+        assert atomic_s < 0.2, f"open_atomic took {atomic_s:.3f} s behind stuck source reads"
+        assert cached_s < 0.2, f"a cached open took {cached_s:.3f} s behind stuck source reads"
+        assert in_flight >= 40  # every source read and copy got a thread at once
+        assert [len(r) for r in await asyncio.gather(*reads)] == [10] * 40
+        for f in files:
+            await f.aclose()
+
+
+# --------------------------------------------------------------------------
+# A source read that hangs
+
+
+async def test_aclose_gives_up_on_a_hung_source_read_and_its_readers_get_an_error(
+    tmp_path: Path,
+) -> None:
+    gate = StuckGate(crowd_size=2)
+    source = StuckSource(os.urandom(4 * MiB), "hangs", gate, timeout=None)  # never answers
+    directory = tmp_path / "c"
+    cache = FileCache(directory, max_size=64 * MiB, close_timeout=0.2)
+    try:
+        f = await cache.open(source)
+        assert f.mode == "copy"
+        waiting = asyncio.ensure_future(f.read(0, 10))  # waits for the copy's first chunk
+        direct = asyncio.ensure_future(f.read(3 * MiB, 10))  # far ahead: a source read
+        await asyncio.to_thread(gate.crowd.wait, 10)
+        assert gate.crowd.is_set()  # the copy's pread and the direct one hang
+
+        t0 = time.perf_counter()
+        await asyncio.wait_for(cache.aclose(), 5)
+        assert time.perf_counter() - t0 < 2
+        for read in (waiting, direct):
+            with pytest.raises(SourceChangedError, match="did not answer") as info:
+                await asyncio.wait_for(read, 2)
+            assert info.value.filename == "hangs"
+        with pytest.raises(SourceChangedError):
+            await f.read(0, 10)  # later reads fail at once too
+        await f.aclose()
+    finally:
+        gate.release.set()
+    # Freed, the copy thread notices it was cancelled: nothing is published.
+    for _ in range(200):
+        if not parts(directory):
+            break
+        await asyncio.sleep(0.01)
+    assert parts(directory) == []
+    assert visible(directory) == []
+
+
+# --------------------------------------------------------------------------
+# The directory, and errors
+
+
+async def test_every_directory_level_created_is_0700_and_fsynced_into_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atempstore import _durable
+
+    synced: list[str] = []
+    fsync_dir = _durable.fsync_dir
+
+    def recording(path: str | os.PathLike[str]) -> None:
+        synced.append(os.fspath(path))
+        fsync_dir(path)
+
+    monkeypatch.setattr(_durable, "fsync_dir", recording)
+    os.umask(old := os.umask(0o022))
+    try:
+        async with FileCache(tmp_path / "a" / "b" / "c", max_size=MiB) as cache:
+            assert cache.directory.is_dir()
+    finally:
+        os.umask(old)
+    for level in ("a", "a/b", "a/b/c"):
+        mode = (tmp_path / level).stat().st_mode & 0o777
+        assert mode == 0o700, f"{level}: {mode:o}"
+    assert sorted(synced) == sorted(str(tmp_path / p) for p in ("", "a", "a/b"))
+
+
+class FailingSource(MemorySource):
+    def pread(self, offset: int, n: int) -> bytes:
+        if offset > 0:
+            raise PermissionError(13, "the origin refused")
+        return super().pread(offset, n)
+
+
+async def test_a_failed_copy_tells_readers_the_source_path(tmp_path: Path) -> None:
+    source = FailingSource(os.urandom(MiB), key="origin:/videos/a.mp4")
+    async with FileCache(tmp_path / "c", max_size=64 * MiB) as cache, cache.open(source) as f:
+        with pytest.raises(SourceChangedError) as info:
+            await f.read(200_000, 10)  # waits for the copy, which fails after its first chunk
+    assert info.value.filename == "origin:/videos/a.mp4"
+    assert "origin:/videos/a.mp4" in str(info.value)
+    assert isinstance(info.value.__cause__, PermissionError)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, spawn_python
+from .conftest import REPO, require_tool, spawn_python
 from .test_cache import change_source
 
 MiB = 1 << 20
@@ -275,6 +276,8 @@ def test_cache_disk_errors_serve_exact_bytes_uncached(tmp_path: Path, rule: str)
     path = tmp_path / "src.bin"
     path.write_bytes(original)
     cache_dir = tmp_path / "cache"
+    # Created beforehand: creating it fsyncs its parent, and the rule may fail every fsync.
+    cache_dir.mkdir(mode=0o700)
     # Slow copies let the reader run alongside (strace keeps one rule per syscall).
     rules = [rule] if rule.startswith("copy_file_range") else [rule, SLOW_COPY]
     proc = strace_python(rules, child(READ_PATH), str(cache_dir), str(path))
@@ -287,3 +290,106 @@ def test_cache_disk_errors_serve_exact_bytes_uncached(tmp_path: Path, rule: str)
     assert result["usage"] == 0
     assert [p for p in os.listdir(cache_dir) if not p.startswith(".")] == []
     assert [p for p in os.listdir(cache_dir) if p.endswith((".part", ".tmp"))] == []
+
+
+# --------------------------------------------------------------------------
+# The event-loop thread makes no syscall on a cache or source fd
+
+CACHE_TOUR = r"""
+import asyncio, os, sys, threading, time
+from pathlib import Path
+
+from atempstore import FileCache
+
+root = Path(sys.argv[1])
+data = (root / "src.bin").read_bytes()
+
+
+class Slow:
+    key = "slow:tour"
+    size = len(data)
+    mtime = 1_700_000_000.0
+
+    def pread(self, offset, n):
+        time.sleep(n / 20e6)
+        return data[offset : offset + n]
+
+
+async def tour():
+    async with FileCache(root / "cache", max_size=8 << 20) as one, FileCache(
+        root / "cache", max_size=8 << 20
+    ) as two:
+        # A copy (the last reader's close gives the session's fds back), then
+        # a cached copy shared by two readers (the second one's own source fd).
+        async with one.open(root / "src.bin") as f:
+            await f.read(0, 10)
+            await f.wait_cached()
+        a = await one.open(root / "src.bin")
+        b = await one.open(root / "src.bin")
+        await a.read(0, 10)
+        await a.aclose()
+        await b.aclose()
+        # Opens that fail after the source was opened, and a file served uncached.
+        for bad in (root, root / "missing"):
+            try:
+                await one.open(bad)
+            except OSError:
+                pass
+        async with one.open(root / "big.bin") as f:
+            await f.read(0, 10)
+        # A follower of another cache's copy (its progress and its fds).
+        copying = await one.open(Slow())
+        await copying.read(0, 10)
+        async with two.open(Slow()) as follower:
+            assert follower.mode == "follow", follower.mode
+            await follower.read(0, 100)
+        # Closing the cache with a copy running.
+        await copying.aclose()
+
+
+print("loop-thread", threading.get_native_id(), flush=True)
+asyncio.run(tour())
+print("tour done", flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.faults
+def test_the_loop_thread_closes_no_cache_or_source_fd(tmp_path: Path) -> None:
+    """strace -f -yy: no call of the loop thread names a file of the tour (a
+    path, or an fd shown with its path): close of cache files, source files,
+    part and lock files all happen in the hop of the operation they belong to."""
+    strace = require_tool("strace")
+    root = tmp_path / "tour"
+    root.mkdir()
+    (root / "src.bin").write_bytes(os.urandom(3 * MiB))
+    (root / "big.bin").write_bytes(os.urandom(9 * MiB))
+    log = tmp_path / "strace.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    command = [strace, "-f", "-yy", "-qq", "-s", "4096", "-e", "trace=%file,%desc"]
+    command += ["-e", "signal=none", "-o", str(log), sys.executable, "-c", CACHE_TOUR, str(root)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tour done" in result.stdout, result.stdout
+    tid = re.search(r"loop-thread (\d+)", result.stdout)
+    assert tid is not None
+    own = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith(f"{tid[1]} ")
+    ]
+    start = next(i for i, line in enumerate(own) if "loop-thread" in line and "write(" in line)
+    # Not this component's: _locks._wait_for_lock (the follower's wait for the
+    # copier's end) dups the part fd on the loop and closes the dup there.
+    dups = {m[1] for line in own[start:] if (m := re.match(r"\d+ dup\(.*\) = (\d+)<", line))}
+    touched = [
+        line
+        for line in own[start:]
+        if str(root) in line
+        and "tour done" not in line
+        and not re.match(r"\d+ dup\(", line)
+        and not any(line.startswith(f"{tid[1]} close({fd}<") for fd in dups)
+    ]
+    closes = [line for line in touched if " close(" in line]
+    assert closes == [], "\n".join(closes[:40])
+    assert touched == [], "\n".join(touched[:40])

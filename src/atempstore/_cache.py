@@ -36,14 +36,16 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from anyio import CapacityLimiter
 from anyio.abc import AsyncResource
 
 from ._copysession import (
+    CLOSE_TIMEOUT,
     QUEUED,
     Copier,
     CopySession,
@@ -58,11 +60,13 @@ from ._copysession import (
     Version,
     clear_record,
     entry_name,
+    finish,
     open_doorbell_fd,
     read_record,
     write_record,
 )
-from ._durable import temp_name, unlink_quietly
+from ._durable import makedirs, temp_name, unlink_quietly
+from ._errors import SourceChangedError
 from ._locks import try_lock_exclusive
 from ._threads import run_sync
 
@@ -78,6 +82,8 @@ def _load_asyncinotify() -> Any:
 
 
 __all__ = ("CachedFile", "FileCache", "Source")
+
+T = TypeVar("T")
 
 _FINAL = re.compile(r"[0-9a-f]{32}")
 _USAGE_FILE = ".usage"
@@ -121,6 +127,13 @@ class _Stats:
             return dict(self._counts)
 
 
+class _LedgerBusy(Exception):
+    """The ledger's lock is held (by another process, or by a thread of this one
+    that waits for it).  Raised where waiting is not allowed: on a file thread,
+    which must not wait on another process.  What the call obtained was given
+    back; it is made again on a slow thread, which may wait (see `_ledger_hop`)."""
+
+
 class _Probe:
     """What one probe of an entry obtained; filled in a worker thread.
 
@@ -135,14 +148,21 @@ class _Probe:
         "locked",
         "name",
         "progress",
+        "queued",
         "reserved",
         "tmp",
+        "wait",
         "watch",
     )
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, wait: bool = False, queued: bool = False) -> None:
         self.name = name
-        self.kind = ""  # "cache" | "copy" | "follow" | "source" | "wait"
+        #: May the probe wait for the ledger's lock (it runs on a slow thread)?
+        self.wait = wait
+        #: Would a copy started now wait for a copy slot?
+        self.queued = queued
+        # "cache" | "copy" | "follow" | "source" | "wait" | "busy" (ledger held: retry slow)
+        self.kind = ""
         self.data_fd: int | None = None
         self.lock_fd: int | None = None
         self.locked = False
@@ -184,15 +204,17 @@ class _Directory:
 
     # -- opening and closing ----------------------------------------------------
 
-    def open(self) -> None:
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+    def open(self, wait: bool) -> None:
+        # Every level created gets 0700 (os.makedirs gives it to the last one
+        # only) and is fsynced into its parent.
+        makedirs(self.root, 0o700)
         self.root = os.path.realpath(self.root)
         fd = os.open(
             os.path.join(self.root, _USAGE_FILE), os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600
         )
         self._fd = fd
         try:
-            with self._ledger():
+            with self._ledger(wait):
                 if self._read_usage() is None:
                     self._write_usage(self._scan(0))
         except BaseException:
@@ -209,16 +231,25 @@ class _Directory:
     # -- the ledger -------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _ledger(self) -> Iterator[None]:
-        with self._mutex:
+    def _ledger(self, wait: bool = True) -> Iterator[None]:
+        """Hold the ledger.  Other holders keep it for microseconds (or one
+        eviction walk), but one may be another process that stopped: only a
+        slow thread waits for it (``wait``); elsewhere `_LedgerBusy`."""
+        if not self._mutex.acquire(blocking=wait):
+            raise _LedgerBusy
+        try:
             if self._fd < 0:
                 raise RuntimeError("the FileCache is closed")
-            # Blocking: other holders keep it for microseconds (or one eviction walk).
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _LedgerBusy from None
             try:
                 yield
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
 
     def _read_usage(self) -> int | None:
         raw = os.pread(self._fd, _USAGE.size, 0)
@@ -235,8 +266,8 @@ class _Directory:
         usage = self._read_usage()
         self._write_usage(self._scan(0) if usage is None else usage + delta)
 
-    def usage(self) -> int:
-        with self._ledger():
+    def usage(self, wait: bool) -> int:
+        with self._ledger(wait):
             usage = self._read_usage()
             if usage is None:
                 usage = self._scan(0)
@@ -249,14 +280,15 @@ class _Directory:
             os.replace(self.part_path(name), self.final(name))
             clear_record(lock_fd)
 
-    def cancel(self, name: str, lock_fd: int, reserved: int) -> None:
+    def cancel(self, name: str, lock_fd: int, reserved: int, wait: bool = True) -> None:
         """Drop an unfinished part and give its reserved space back."""
         try:
-            ledger = self._ledger()
+            ledger = self._ledger(wait)
             ledger.__enter__()
-        except RuntimeError:
-            # The cache is closed: the part goes anyway, and the record stays
-            # for the next holder of this entry to give the space back (_heal).
+        except (RuntimeError, _LedgerBusy):
+            # The cache is closed (or the ledger held and we may not wait): the
+            # part goes anyway, and the record stays for the next holder of
+            # this entry to give the space back (_heal).
             unlink_quietly(self.part_path(name))
             return
         try:
@@ -269,13 +301,17 @@ class _Directory:
 
     # -- probing one entry --------------------------------------------------------
 
-    def probe(self, p: _Probe, version: Version) -> None:
-        """Decide how to serve ``p.name`` at ``version``; fills ``p``."""
+    def probe(self, p: _Probe, version: Version) -> _Probe:
+        """Decide how to serve ``p.name`` at ``version``; fills ``p`` and returns it."""
         try:
             self._probe(p, version)
+        except _LedgerBusy:
+            self.discard(p)
+            p.kind = "busy"
         except BaseException:
             self.discard(p)
             raise
+        return p
 
     def _probe(self, p: _Probe, version: Version) -> None:
         name = p.name
@@ -291,11 +327,11 @@ class _Directory:
             self._drop_lock(p)
             p.kind = "wait"
             return
-        self._heal(name, p.lock_fd)
+        self._heal(name, p.lock_fd, p.wait)
         if self._take_cached(p, version):
             self._drop_lock(p)
             return
-        self._remove_outdated(name)
+        self._remove_outdated(name, p.wait)
         if version.size > self.max_size:
             self._drop_lock(p)
             p.kind = "source"
@@ -305,7 +341,8 @@ class _Directory:
         p.tmp = temp_name(self.part_path(name))
         p.data_fd = os.open(p.tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600)
         fcntl.flock(p.data_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if not self._reserve(name, p.lock_fd, version, os.fstat(p.data_fd).st_ino):
+        ino = os.fstat(p.data_fd).st_ino
+        if not self._reserve(name, p.lock_fd, version, ino, p.wait, p.queued):
             self.discard(p)
             p.kind = "source"
             return
@@ -398,7 +435,7 @@ class _Directory:
                 unlink_quietly(p.tmp)
                 p.tmp = None
             if p.reserved and p.lock_fd is not None:
-                self.cancel(p.name, p.lock_fd, p.reserved)
+                self.cancel(p.name, p.lock_fd, p.reserved, p.wait)
                 p.reserved = 0
         finally:
             fd, p.data_fd = p.data_fd, None
@@ -407,11 +444,11 @@ class _Directory:
             self._drop_lock(p)
             p.kind = ""
 
-    def _heal(self, name: str, lock_fd: int) -> None:
+    def _heal(self, name: str, lock_fd: int, wait: bool) -> None:
         """With the entry lock held: undo what a copier that died left behind."""
         if read_record(lock_fd) is None:
             return
-        with self._ledger():
+        with self._ledger(wait):
             rec = read_record(lock_fd)
             if rec is None:
                 return
@@ -427,7 +464,7 @@ class _Directory:
         except FileNotFoundError:
             return False
 
-    def _remove_outdated(self, name: str) -> None:
+    def _remove_outdated(self, name: str, wait: bool) -> None:
         """With the entry lock held: remove a copy of an older version.
 
         Readers that hold it keep reading their (consistent) old version
@@ -438,7 +475,7 @@ class _Directory:
             size = os.stat(final, follow_symlinks=False).st_size
         except FileNotFoundError:
             return
-        with self._ledger():
+        with self._ledger(wait):
             try:
                 os.unlink(final)
             except FileNotFoundError:
@@ -446,9 +483,11 @@ class _Directory:
             self._add_usage(-size)
         self.stats.count("outdated")
 
-    def _reserve(self, name: str, lock_fd: int, version: Version, part_ino: int) -> bool:
+    def _reserve(
+        self, name: str, lock_fd: int, version: Version, part_ino: int, wait: bool, queued: bool
+    ) -> bool:
         size = version.size
-        with self._ledger():
+        with self._ledger(wait):
             usage = self._read_usage()
             if usage is None or usage + size > self.max_size:
                 usage = self._scan(size)
@@ -458,7 +497,11 @@ class _Directory:
             # The counter first: a crash between the two writes leaks space
             # (healed by the next walk) instead of hiding a reservation.
             self._write_usage(usage + size)
-            write_record(lock_fd, Record(0, size, version.mtime_ns, part_ino, size))
+            # A copy that will wait for a copy slot is QUEUED until its thread
+            # starts (it writes 0): followers in other processes read from the
+            # source meanwhile.  Written here, not on the loop.
+            progress = QUEUED if queued else 0
+            write_record(lock_fd, Record(progress, size, version.mtime_ns, part_ino, size))
             return True
 
     # -- the walk: recount, collect garbage, evict -------------------------------
@@ -608,17 +651,17 @@ class _Notifier:
             for session in list(self._subscribers.get(watch.wd, ())):
                 session.poke()
 
-    async def aclose(self) -> None:
+    async def stop(self) -> Callable[[], None] | None:
+        """Stop dispatching; returns what closes the inotify fd, for a worker
+        thread: closing it waits for an RCU grace period in the kernel (2-8 ms
+        measured here).  The dispatch task is done, so the fd is no longer
+        registered with the loop."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.wait({task})
         inotify, self._inotify = self._inotify, None
-        if inotify is not None:
-            # Not on the loop: closing an inotify fd waits for an RCU grace
-            # period in the kernel (2-8 ms measured here).  The dispatch task
-            # is done, so the fd is no longer registered with the loop.
-            await run_sync(inotify.close)
+        return None if inotify is None else inotify.close
 
 
 # --------------------------------------------------------------------------
@@ -650,7 +693,9 @@ class FileCache(AsyncResource):
     another process that holds an entry without copying it (it then serves
     the file uncached).  ``poll_interval`` is the followers' safety poll.
     ``clock`` is injectable (it stamps the last open of a copy) so eviction
-    order can be made deterministic in tests.
+    order can be made deterministic in tests.  ``close_timeout`` bounds how
+    long `aclose` waits for a copy to stop (a source read that hangs); the
+    readers of a copy it gives up on get `SourceChangedError`.
 
     The constructor does no I/O.  Use it as an async context manager; leaving
     it cancels the copies still running, removes their temporary files and
@@ -679,6 +724,7 @@ class FileCache(AsyncResource):
         lock_timeout: float = 10.0,
         poll_interval: float = 0.25,
         clock: Callable[[], float] = time.time,
+        close_timeout: float = CLOSE_TIMEOUT,
     ) -> None:
         for label, value in (
             ("max_size", max_size),
@@ -691,6 +737,8 @@ class FileCache(AsyncResource):
                 raise ValueError(f"{label} must be > 0, got {value!r}")
         if wait_window < 0:
             raise ValueError(f"wait_window must be >= 0, got {wait_window!r}")
+        if close_timeout < 0:
+            raise ValueError(f"close_timeout must be >= 0, got {close_timeout!r}")
         self._directory = Path(directory)
         self.max_size = max_size
         self.wait_window = wait_window
@@ -701,6 +749,7 @@ class FileCache(AsyncResource):
         self.read_threads = read_threads
         self.lock_timeout = lock_timeout
         self.poll_interval = poll_interval
+        self.close_timeout = close_timeout
         self._stats = _Stats()
         self._dir = _Directory(os.fspath(directory), max_size, clock, self._stats)
         self._notifier = _Notifier()
@@ -713,6 +762,7 @@ class FileCache(AsyncResource):
         self._ready_lock: asyncio.Lock | None = None
         self._ready = False
         self._closed = False
+        self._shut = False  # aclose() finished (a cancelled one may be resumed)
         self._probing = 0
         self._probes_done: asyncio.Event | None = None
         self._doorbell: Doorbell | None = None
@@ -738,7 +788,7 @@ class FileCache(AsyncResource):
             self._ready_lock = asyncio.Lock()
         async with self._ready_lock:
             if not self._ready:
-                cpus, asyncinotify, bell_fd = await run_sync(
+                cpus, asyncinotify, bell_fd = await _ledger_hop(
                     _prepare, self._dir, undo=_unprepare(self._dir)
                 )
                 self._doorbell = Doorbell(asyncio.get_running_loop(), bell_fd)
@@ -782,23 +832,27 @@ class FileCache(AsyncResource):
             )
         await self._ensure_ready()
         self._stats.count("opens")
+        # A Source object's size and mtime may ask a slow backend: slow work.
+        await run_sync(
+            origin.resolve, slow=isinstance(origin, ObjectOrigin), undo=lambda _: origin.close()
+        )
         try:
-            await run_sync(origin.resolve)
-            session = await self._session_for(origin)
+            session, spare = await self._session_for(origin)
         except BaseException:
-            origin.close()
+            if origin.holds_fd:
+                await finish(origin.close)
             raise
-        return CachedFile(self, session)
+        return CachedFile(self, session, spare)
 
-    async def _session_for(self, origin: Origin) -> CopySession:
-        """The session to share for ``origin``; takes ownership of ``origin``."""
+    async def _session_for(self, origin: Origin) -> tuple[CopySession, Origin | None]:
+        """The session to share for ``origin``, and ``origin`` back if the session
+        has its own (the reader closes it, in its `CachedFile.aclose` hop)."""
         name = entry_name(origin.key)
         while True:
             current = self._sessions.get(name)
             if current is not None and current.shareable and current.version == origin.version:
                 current.acquire()
-                origin.close()  # the session has its own
-                return current
+                return current, origin
             gate = self._gates.get(name)
             if gate is None:
                 break
@@ -810,31 +864,38 @@ class FileCache(AsyncResource):
             del self._gates[name]
             gate.set()
         self._sessions[name] = session
-        return session
+        return session, None
 
     async def _start_session(self, name: str, origin: Origin) -> CopySession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_timeout
         delay = 0.001
+        wait = False
         while True:
             if self._closed:
                 raise RuntimeError(f"{self!r} was closed while opening {origin.key!r}")
-            probe = _Probe(name)
+            # Usually on a file thread, never waiting for the ledger; if the
+            # ledger is held, again on a slow thread, which may wait for it.
+            assert self._limiter is not None
+            probe = _Probe(name, wait, queued=self._limiter.available_tokens == 0)
             self._probing += 1
             try:
-                await run_sync(self._dir.probe, probe, origin.version)
-            except BaseException:
-                # Cancelled after the thread obtained fds, locks or space.
-                await asyncio.shield(run_sync(self._dir.discard, probe))
-                raise
+                # A caller cancelled after the thread obtained fds, locks or
+                # space: the thread (or the caller) gives them back.
+                await run_sync(
+                    self._dir.probe, probe, origin.version, slow=wait, undo=self._discard
+                )
             finally:
                 self._probing -= 1
                 if self._probing == 0 and self._probes_done is not None:
                     self._probes_done.set()
             if self._is_closed():
                 # aclose() ran during the hop: start nothing it would not stop.
-                await run_sync(self._dir.discard, probe)
+                await finish(partial(self._discard, probe), slow=True)
                 raise RuntimeError(f"{self!r} was closed while opening {origin.key!r}")
+            if probe.kind == "busy":
+                wait = True
+                continue
             if probe.kind != "wait":
                 break
             if loop.time() >= deadline:
@@ -848,6 +909,13 @@ class FileCache(AsyncResource):
 
     def _is_closed(self) -> bool:
         return self._closed
+
+    def _discard(self, probe: _Probe) -> None:
+        """In a worker thread: give back what ``probe`` obtained.  Space it
+        reserved goes back to the ledger; if the ledger is held and this thread
+        may not wait (``probe.wait``), the entry's record keeps the reservation
+        and the next holder of the entry gives it back (`_Directory._heal`)."""
+        self._dir.discard(probe)
 
     def _make_session(self, name: str, origin: Origin, probe: _Probe) -> CopySession:
         kind = probe.kind
@@ -921,7 +989,7 @@ class FileCache(AsyncResource):
             ```
         """
         await self._ensure_ready()
-        return await run_sync(self._dir.usage)
+        return await _ledger_hop(self._dir.usage)
 
     def stats(self) -> dict[str, int]:
         """Counters since this cache was created (no I/O).
@@ -956,13 +1024,15 @@ class FileCache(AsyncResource):
                 await cache.aclose()
             ```
         """
-        if self._closed:
+        if self._shut:
             return
+        # A cancelled aclose() may be resumed: every step below is idempotent.
         self._closed = True
         if self._probing:
             # Opens in the middle of a probe finish it (and give back what it
             # got, seeing the cache closed) before the ledger closes.
-            self._probes_done = asyncio.Event()
+            if self._probes_done is None:
+                self._probes_done = asyncio.Event()
             await self._probes_done.wait()
         sessions = list(self._live)
         for session in sessions:
@@ -971,18 +1041,61 @@ class FileCache(AsyncResource):
                 session.task.cancel()
         tasks = {s.task for s in sessions if s.task is not None and not s.task.done()}
         if tasks:
-            await asyncio.wait(tasks)
-        await self._notifier.aclose()
-        if self._doorbell is not None:
-            self._doorbell.close()  # fd calls only
-        if self._ready:
-            await run_sync(self._dir.close)
+            _, stuck = await asyncio.wait(tasks, timeout=self.close_timeout)
+            if stuck:
+                # A copy that did not reach its next chunk in time: its source
+                # read hangs.  Its thread is left to it (a daemon thread: it
+                # never keeps the interpreter from exiting, and a cancelled
+                # copy publishes nothing); its readers get an error now.
+                for session in sessions:
+                    if session.task in stuck:
+                        session.abort(
+                            SourceChangedError(
+                                f"the source {session.origin.key!r} did not answer within"
+                                f" {self.close_timeout} s of the cache closing; open it"
+                                " again through an open cache",
+                                path=session.origin.key,
+                            )
+                        )
+                        session.task.cancel()  # the copy's await gives up on its thread
+                await asyncio.wait(stuck)
+        close_inotify = await self._notifier.stop()
+        bell_fd = self._doorbell.detach() if self._doorbell is not None else -1
+        directory = self._dir if self._ready else None
+
+        def shut() -> None:  # idempotent: `finish` may call it twice
+            try:
+                if close_inotify is not None:
+                    close_inotify()
+            finally:
+                try:
+                    if bell_fd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(bell_fd)
+                finally:
+                    if directory is not None:
+                        directory.close()
+
+        # One hop for every fd the cache itself holds (inotify, the copy
+        # threads' eventfd, the ledger): never closed on the loop.
+        once = [shut]
+        await finish(lambda: once.pop()() if once else None)
+        self._shut = True
 
 
-def _prepare(directory: _Directory) -> tuple[int, Any, int]:
+async def _ledger_hop(func: Callable[..., T], *args: Any, undo: Any = None) -> T:
+    """Run ``func(*args, wait)`` in one hop: ``wait=False`` on a file thread,
+    and only if the ledger was held (`_LedgerBusy`), ``wait=True`` on a slow one."""
+    try:
+        return await run_sync(partial(func, *args), False, undo=undo)
+    except _LedgerBusy:
+        return await run_sync(partial(func, *args), True, slow=True, undo=undo)
+
+
+def _prepare(directory: _Directory, wait: bool) -> tuple[int, Any, int]:
     """Open the cache directory; count CPUs (may read /sys); import asyncinotify;
     open the copy threads' doorbell (see `Doorbell`)."""
-    directory.open()
+    directory.open(wait)
     cpus = os.cpu_count() or 2
     asyncinotify = _load_asyncinotify()
     return cpus, asyncinotify, open_doorbell_fd()
@@ -1043,9 +1156,12 @@ class CachedFile(AsyncResource):
         ```
     """
 
-    def __init__(self, cache: FileCache, session: CopySession) -> None:
+    def __init__(self, cache: FileCache, session: CopySession, spare: Origin | None = None) -> None:
         self._cache = cache
         self._session = session
+        # This reader's own view of the source when it shares a session that
+        # has one: its fd is closed in `aclose`'s hop, never on the loop.
+        self._spare = spare
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1165,10 +1281,27 @@ class CachedFile(AsyncResource):
             return
         self._closed = True
         session = self._session
-        session.release(self._cache.finish_abandoned)
+        closer = session.release(self._cache.finish_abandoned)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.holds_fd:
+            closer = _both(spare.close, closer)
+        if closer is not None:
+            # The last reader of a session gives its fds back in this one hop.
+            await finish(closer)
         task = session.task
         if session.refs == 0 and task is not None and session.copier is None and not task.done():
             await asyncio.wait({task})  # a follower stopping: let it give back its fds
 
     async def __aenter__(self) -> CachedFile:
         return self
+
+
+def _both(first: Callable[[], None], then: Callable[[], None] | None) -> Callable[[], None]:
+    def both() -> None:
+        try:
+            first()
+        finally:
+            if then is not None:
+                then()
+
+    return both

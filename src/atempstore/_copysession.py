@@ -68,7 +68,7 @@ from ._errors import SourceChangedError
 from ._locks import _wait_for_lock
 from ._threads import run_sync
 
-__all__ = ("CopySession", "Doorbell", "Source")
+__all__ = ("CLOSE_TIMEOUT", "CopySession", "Doorbell", "Source", "finish")
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -84,6 +84,23 @@ FIRST_CHUNK = 64 * KiB
 KERNEL_CHUNK = 1 * MiB
 #: `Copier.wake_at` when no reader of this process waits for the copy.
 NOBODY = 1 << 64
+#: How long `FileCache.aclose` waits for a copy to stop before it gives up on
+#: it (a source read that hangs): the default of ``FileCache(close_timeout=)``.
+CLOSE_TIMEOUT = 5.0
+
+
+async def finish(func: Callable[[], object], *, slow: bool = False) -> None:
+    """Run ``func`` (idempotent: it gives fds back) in a worker thread, to its end.
+
+    Closing changes state, so a cancellation must not keep it from happening:
+    a hop dropped before its worker started it is made again, shielded, and
+    only then is the cancellation let through.
+    """
+    try:
+        await run_sync(func, slow=slow)
+    except asyncio.CancelledError:
+        await asyncio.shield(run_sync(func, slow=slow))
+        raise
 
 
 @runtime_checkable
@@ -364,7 +381,12 @@ class Origin:
         return len(data)
 
     def close(self) -> None:
-        """Release what the origin holds (idempotent, fd calls only)."""
+        """Release what the origin holds (idempotent, fd calls only: in a worker thread)."""
+
+    @property
+    def holds_fd(self) -> bool:
+        """Does `close` have an fd to close?  (If not, no thread hop is needed.)"""
+        return False
 
 
 class PathOrigin(Origin):
@@ -381,12 +403,18 @@ class PathOrigin(Origin):
         # O_NONBLOCK: opening a FIFO must not hang the thread (it is refused
         # below); on a regular file the flag changes nothing.
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(
+                    errno.EISDIR, "a directory cannot be cached; pass a file", real
+                )
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "only regular files can be cached; pass a file", real)
+        except BaseException:
+            os.close(fd)  # here, in the thread: the caller never sees this fd
+            raise
         self.fd = SharedFd(fd)
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "a directory cannot be cached; pass a file", real)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "only regular files can be cached; pass a file", real)
         self.key = real
         self._ident = (st.st_dev, st.st_ino)
         self.version = Version(st.st_size, st.st_mtime_ns)
@@ -456,6 +484,10 @@ class PathOrigin(Origin):
     def close(self) -> None:
         if self.fd is not None:
             self.fd.close()
+
+    @property
+    def holds_fd(self) -> bool:
+        return self.fd is not None and not self.fd.closed
 
 
 class ObjectOrigin(Origin):
@@ -568,16 +600,26 @@ class Doorbell:
         for fn, args in calls:
             fn(*args)
 
-    def close(self) -> None:
-        """On the loop: stop listening; calls posted later use ``call_soon_threadsafe``."""
+    def detach(self) -> int:
+        """On the loop: stop listening; calls posted later use ``call_soon_threadsafe``.
+
+        Returns the eventfd (-1 if none) for the caller to close, in the worker
+        thread that closes the cache's other fds.
+        """
         with self._mutex:
             fd, self._fd = self._fd, -1
             calls, self._calls = self._calls, collections.deque()
         if fd >= 0:
             self._loop.remove_reader(fd)
-            os.close(fd)
         for fn, args in calls:
             self._loop.call_soon(fn, *args)
+        return fd
+
+    def close(self) -> None:
+        """`detach`, then close the eventfd here (an fd of ours, not the user's)."""
+        fd = self.detach()
+        if fd >= 0:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------
@@ -656,6 +698,21 @@ class Copier:
                 return "cancelled"
             self.started = True
         try:
+            # Held for the whole run, so the part's fd number stays ours even
+            # if the session lets go of it first (a copy abandoned because its
+            # source hangs, see `FileCache.aclose`).
+            use = self.part.use()
+            use.__enter__()
+        except FdClosed:
+            self._abandon()
+            return "cancelled"
+        try:
+            return self._run(on_progress)
+        finally:
+            use.__exit__(None, None, None)
+
+    def _run(self, on_progress: Callable[[], None]) -> str:
+        try:
             if self.cancel.is_set():
                 raise _Cancelled
             try:
@@ -663,6 +720,8 @@ class Copier:
             except OSError as exc:
                 raise CacheFailed(str(exc)) from exc
             self._copy_all(on_progress)
+            if self.cancel.is_set():
+                raise _Cancelled  # the cache closed during the last chunk: publish nothing
             self._publish()
         except _Cancelled:
             self._abandon()
@@ -789,7 +848,8 @@ class CopySession:
         # Reads of the local cache file get a few threads of their own: they
         # are quick, and dozens of threads fighting the loop thread for the
         # GIL would delay the loop (a convoy) more than they add throughput.
-        # Reads from a slow source use the shared file limiter instead.
+        # Reads from a slow source run on the slow pool (``slow=True``), never
+        # on the threads that file operations need.
         self.read_limiter = read_limiter
         self.stats = stats
         self.refs = 0
@@ -807,6 +867,8 @@ class CopySession:
         self._seq = itertools.count()
         self._abandoned_waits = 0
         self._ping = asyncio.Event()
+        # Completed by `abort`: source reads in flight give up on their thread.
+        self._aborted: asyncio.Future[None] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -920,13 +982,47 @@ class CopySession:
                 or not self.running
                 or offset > self.avail + self.wait_window
             ):
-                try:
-                    got = await run_sync(self.origin.read_checked, offset, end - offset)
-                except FdClosed:
-                    raise ValueError(f"read from {self.origin.key!r} after it was closed") from None
+                got = await self._read_source(offset, end - offset)
                 self.stats.count("source_bytes", len(got))
                 return got
             await self._wait_for(end)
+
+    async def _read_source(self, offset: int, n: int) -> bytes:
+        """Read from the source on a slow thread, unless the session is aborted first.
+
+        A read only, so it may be abandoned: a source whose ``pread`` hangs
+        keeps its thread, not the reader (see `abort`).
+        """
+        loop = asyncio.get_running_loop()
+        if self._aborted is None:
+            self._aborted = loop.create_future()
+        read = loop.create_task(
+            run_sync(self.origin.read_checked, offset, n, abandon_on_cancel=True, slow=True)
+        )
+        try:
+            waits: set[asyncio.Future[Any]] = {read, self._aborted}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()
+        if not read.done() or read.cancelled():
+            raise self._error_for_reader()
+        try:
+            return read.result()
+        except FdClosed:
+            raise ValueError(f"read from {self.origin.key!r} after it was closed") from None
+
+    def abort(self, error: SourceChangedError) -> None:
+        """On the loop: fail every reader now, those in a source read included.
+
+        For a copy that did not stop when asked (its source read hangs): its
+        thread runs on, but no reader waits for it any more.
+        """
+        self._settle("source", error)
+        if self._aborted is None:
+            self._aborted = asyncio.get_running_loop().create_future()
+        if not self._aborted.done():
+            self._aborted.set_result(None)
 
     def _error_for_reader(self) -> BaseException:
         error = self.error
@@ -937,7 +1033,8 @@ class CopySession:
             fresh: BaseException = SourceChangedError(str(error), path=error.path)
         else:
             fresh = SourceChangedError(
-                f"the copy of {self.origin.key!r} failed: {error}; open it again", path=None
+                f"the copy of {self.origin.key!r} failed: {error}; open it again",
+                path=self.origin.key,
             )
         fresh.__cause__ = error
         return fresh
@@ -952,22 +1049,26 @@ class CopySession:
         self.copier = copier
         # With a free copy slot the thread starts at once: let readers wait for
         # it rather than fetch from the source what the copy brings a moment later.
+        # (Followers in other processes read from the source until the thread
+        # starts: the probe recorded the copy as QUEUED.)
         self.running = limiter.available_tokens > 0
-        if not self.running:
-            # Queued: tell followers in other processes to read from the source
-            # too (the thread writes 0 when it starts).  A 16-byte fd write.
-            with contextlib.suppress(OSError):
-                write_progress(copier.lock_fd, QUEUED)
         self.task = asyncio.get_running_loop().create_task(self._copy(copier, limiter))
 
     async def _copy(self, copier: Copier, limiter: CapacityLimiter) -> None:
         try:
-            outcome = await run_sync(copier.run, self._catch_up, limiter=limiter)
+            # Slow work: the whole copy waits on the source.  Abandoned on
+            # cancel (the loop shutting down, or `FileCache.aclose` giving up on
+            # a hung source): the copy thread owns its fds and gives them back
+            # itself whenever it stops, publishing nothing once cancelled.
+            outcome = await run_sync(
+                copier.run, self._catch_up, limiter=limiter, slow=True, abandon_on_cancel=True
+            )
         except asyncio.CancelledError:
-            # Only the loop shutting down cancels a copy.  If it was still
-            # queued for a copy slot, its thread never ran: give back its files.
+            # If it was still queued for a copy slot, its thread never ran:
+            # give back its files.
+            copier.cancel.set()
             with contextlib.suppress(BaseException):
-                await run_sync(copier.discard_unstarted)
+                await run_sync(copier.discard_unstarted, slow=True)
             self._settle("source")
             raise
         except BaseException as exc:  # the source changed or failed
@@ -985,7 +1086,7 @@ class CopySession:
         finally:
             self.copier = None
             if self.refs == 0:
-                self.close()
+                await self._close_now()
 
     def cancel_copy(self) -> None:
         if self.copier is not None:
@@ -1017,12 +1118,13 @@ class CopySession:
         end.add_done_callback(lambda _: self._ping.set())
         try:
             while True:
-                # A 16-byte pread of a page-cached file: an fd call, no path.
-                self._progressed(read_progress(lock_fd))
+                # A 16-byte pread, but of a file of the user's disk (maybe NFS):
+                # never on the loop.
+                self._progressed(await run_sync(read_progress, lock_fd))
                 if self.avail >= self.size:
                     break
                 if end.done():
-                    self._progressed(read_progress(lock_fd))
+                    self._progressed(await run_sync(read_progress, lock_fd))
                     break
                 self._ping.clear()
                 with anyio.move_on_after(poll):
@@ -1045,40 +1147,65 @@ class CopySession:
             raise
         finally:
             if self.refs == 0:
-                self.close()
+                await self._close_now()
 
     # -- lifetime ---------------------------------------------------------------
 
     def acquire(self) -> None:
         self.refs += 1
 
-    def release(self, finish_abandoned: bool) -> None:
+    def release(self, finish_abandoned: bool) -> Callable[[], None] | None:
+        """On the loop: one reader less.  Returns what gives the session's fds
+        back if that was the last reader, for the caller's worker-thread hop."""
         self.refs -= 1
         if self.refs > 0:
-            return
+            return None
         if self.task is not None and not self.task.done():
             if self.copier is not None and not finish_abandoned:
                 self.copier.cancel.set()
             elif self.copier is None:
                 self.task.cancel()  # nobody reads what a follower follows
-            return  # the task closes the session when it ends
-        self.close()
+            return None  # the task closes the session when it ends
+        return self.close()
 
-    def close(self) -> None:
-        """Give back fds and locks; fd calls only (it may run on the loop)."""
+    def close(self) -> Callable[[], None] | None:
+        """On the loop: end the session (idempotent).
+
+        Returns the fd calls that give its fds back (None if there are none),
+        which the caller runs in a worker thread: closing a file of the
+        user's disk may be a round trip to an NFS server.
+        """
         if self._closed:
-            return
+            return None
         self._closed = True
         self._settle()
-        if self.data is not None:
-            self.data.close()
-        self.origin.close()
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-            self.lock_fd = None
         for undo in self.cleanup:
-            undo()
+            undo()  # inotify watches: calls on our inotify fd, no file of the user's
         self._on_closed(self)
+        data, self.data = self.data, None
+        lock_fd, self.lock_fd = self.lock_fd, None
+        origin = self.origin
+        if data is None and lock_fd is None and not origin.holds_fd:
+            return None
+
+        once = [lock_fd]
+
+        def give_back() -> None:  # idempotent: `finish` may call it twice
+            try:
+                if data is not None:
+                    data.close()
+                origin.close()
+            finally:
+                fd = once.pop() if once else None
+                if fd is not None:
+                    os.close(fd)
+
+        return give_back
+
+    async def _close_now(self) -> None:
+        closer = self.close()
+        if closer is not None:
+            await finish(closer)
 
 
 def _read_cached(data: SharedFd, offset: int, n: int, key: str) -> bytes:
