@@ -7,6 +7,7 @@ The heavy multi-process battery (thousands of messages, kill -9) is in
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import gc
@@ -19,15 +20,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
+from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from atempstore import AtempstoreError, FileStore, InvalidNameError, Message
 from atempstore._filestore import rename_noreplace
 from atempstore.cli import main as cli_main
 
-from .conftest import REPO, mounted_tmpfs, run_python, spawn_python
+from .cancelling import CancelPoint, cancel_points
+from .conftest import REPO, lock_is_held, mounted_tmpfs, open_fds, run_python, spawn_python
 
 BAD_NAMES = ["", ".", "..", "a/b", "/abs", "nul\0byte", ".hidden", "../escape"]
 
@@ -663,10 +669,23 @@ async def test_recover_spares_live_consumers_of_this_process(store: FileStore) -
     assert await holder.claim(name)
     assert await FileStore(store.path).recover() == []
     # Dropped without aclose(): closing its lock fd (as a file object would)
-    # is what tells the others it is gone.
+    # is what tells the others it is gone.  Collected here, on the loop, the
+    # close is handed to a thread of its own: wait for it.
+    lock = store.path / ".consumers" / f"{holder.owner}.lock"
     del holder
     gc.collect()
+    assert await asyncio.to_thread(wait_until, lambda: not lock_is_held(lock))
     assert await FileStore(store.path).recover() == [name]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` (in a thread) until it holds or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 async def test_claims_without_a_lock_file_are_left_alone(store: FileStore) -> None:
@@ -829,3 +848,284 @@ def test_worker_pool_example_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "0 lost" in done.stdout
+
+
+# --------------------------------------------------------------------------
+# Cancellation: every public coroutine, cancelled at each of its hops
+
+
+@dataclass
+class Run:
+    """One run of a coroutine under `cancel_points`: its store and what to check."""
+
+    store: FileStore
+    root: Path
+    #: Payload -> how many copies must be in new/ and cur/ after the run.
+    payloads: collections.Counter[bytes] = field(default_factory=collections.Counter)
+    #: Messages whose state must match their file.
+    messages: list[Message] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    gen: AsyncGenerator[Message, None] | None = None
+    result: object = None
+    completed: bool = False  # the call returned: it was not cancelled
+    fds: int = 0
+
+
+async def fds_settle(expected: int) -> int:
+    """Open fds once an abandoned read-only hop has let go (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while (now := open_fds()) != expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return now
+
+
+def read_area(root: Path, area: str) -> list[bytes]:
+    return [(root / area / n).read_bytes() for n in os.listdir(root / area)]
+
+
+async def assert_tidy(run: Run, point: CancelPoint, *, tmp: int = 0) -> None:
+    """What must hold after any run: no fd, temp file, orphan claim or lost
+    message left behind, and every Message telling the truth."""
+    root, store = run.root, run.store
+    assert await fds_settle(run.fds) == run.fds, f"fds leaked at {point}"
+    assert len(os.listdir(root / "tmp")) == tmp, (point, os.listdir(root / "tmp"))
+    for area in ("new", "cur"):
+        assert not [n for n in os.listdir(root / area) if n.startswith(".")], point
+    # Every file in cur/ is a claim that a Message of this store holds.
+    held = {m.path.name: m for m in store._held.values()}
+    assert sorted(os.listdir(root / "cur")) == sorted(held), point
+    assert all(m.state == "held" for m in held.values()), point
+    for message in run.messages:
+        exists = message.path.exists()
+        assert exists == (message.state == "held"), (point, message, exists)
+        assert (store._held.get(message.name) is message) == exists, (point, message)
+    # Nothing lost, nothing duplicated.
+    there = collections.Counter(read_area(root, "new") + read_area(root, "cur"))
+    assert there == +run.payloads, (point, there, run.payloads)
+    if store.owner is not None:
+        assert lock_is_held(root / ".consumers" / f"{store.owner}.lock"), point
+    # No other consumer lock left held (status() and recover() probe them).
+    for entry in os.listdir(root / ".consumers"):
+        if not entry.startswith(f"{store.owner}."):
+            assert not lock_is_held(root / ".consumers" / entry), (point, entry)
+
+
+_runs = itertools.count()
+
+
+async def prepared(tmp_path: Path, count: int = 1, claimed: int = 0) -> Run:
+    """A store holding its consumer lock already (so the first claim's lock
+    fd is not a leak), with ``count`` messages, the first ``claimed`` claimed."""
+    root = tmp_path / f"s{next(_runs)}"
+    run = Run(FileStore(root), root)
+    await run.store.prepare()
+    warm = await run.store.deliver(b"warm-up")
+    assert await run.store.claim(warm)
+    await run.store.message(warm).done()
+    for i in range(count):
+        data = f"m{i}".encode()
+        run.names.append(await run.store.deliver(data))
+        run.payloads[data] += 1
+    for name in run.names[:claimed]:
+        assert await run.store.claim(name)
+        run.messages.append(run.store.message(name))
+    return run
+
+
+async def finish(run: Run) -> None:
+    if run.gen is not None:
+        await run.gen.aclose()
+    await run.store.aclose()
+
+
+OPS = [
+    "prepare",
+    "create",
+    "create-existing",
+    "list",
+    "move",
+    "copy",
+    "remove",
+    "deliver",
+    "claim",
+    "recover",
+    "status",
+    "clean_tmp",
+    "read",
+    "done",
+    "release",
+    "consume",
+    "consume-aclose",
+    "aclose",
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+async def test_cancelled_anywhere_leaves_nothing_behind(tmp_path: Path, op: str) -> None:
+    """Each public coroutine cancelled at each hop, before/during/after it runs."""
+
+    async def prepare() -> Run:
+        if op == "prepare":
+            root = tmp_path / f"s{next(_runs)}" / "a" / "b"
+            run = Run(FileStore(root), root)
+            run.fds = open_fds()
+            return run
+        run = await prepared(tmp_path, count=2, claimed=2 if op in ("aclose",) else 1)
+        store, root = run.store, run.root
+        old = root / "tmp" / "old"
+        old.write_bytes(b"tmp file")
+        os.utime(old, (1, 1))
+        if op == "create-existing":
+            (root / "tmp" / "f").write_text("kept")
+        if op == "recover":
+            # A dead consumer's claim: its lock file exists and nobody holds it.
+            dead = "0123456789abcdef"
+            (root / ".consumers" / f"{dead}.lock").write_text("")
+            name = run.names[1]
+            (root / "new" / name).rename(root / "cur" / f"{name}~{dead}")
+        run.fds = open_fds()  # consume-aclose: without the consumer's inotify fds
+        if op == "consume-aclose":
+            run.gen = store.consume(recover_interval=None)
+            message = await anext(run.gen)
+            run.messages.append(message)
+        return run
+
+    async def call(run: Run) -> None:
+        store = run.store
+        claimed = run.messages[0] if run.messages else None
+        waiting = run.names[1] if len(run.names) > 1 else None
+        if op == "prepare":
+            await store.prepare()
+        elif op in ("create", "create-existing"):
+            run.result = await store.create("f", "a")
+        elif op == "list":
+            run.result = await store.list("new")
+        elif op == "move":
+            assert waiting is not None
+            await store.move(waiting, "new", "tmp")
+        elif op == "copy":
+            assert waiting is not None
+            await store.copy(waiting, "new", "tmp")
+        elif op == "remove":
+            assert waiting is not None
+            await store.remove(waiting, "new")
+        elif op == "deliver":
+            run.result = await store.deliver(b"delivered")
+        elif op == "claim":
+            assert waiting is not None
+            run.result = await store.claim(waiting)
+        elif op == "recover":
+            run.result = await store.recover()
+        elif op == "status":
+            run.result = await store.status()
+        elif op == "clean_tmp":
+            run.result = await store.clean_tmp()
+        elif op == "read":
+            assert claimed is not None
+            run.result = await claimed.read()
+        elif op == "done":
+            assert claimed is not None
+            await claimed.done()
+        elif op == "release":
+            assert claimed is not None
+            await claimed.release()
+        elif op == "consume":
+            run.gen = store.consume(recover_interval=None)
+            run.result = await anext(run.gen)
+        elif op == "consume-aclose":
+            assert run.gen is not None
+            await run.gen.aclose()
+            run.gen = None
+        elif op == "aclose":
+            await store.aclose()
+        run.completed = True
+
+    async def check(run: Run, point: CancelPoint) -> None:
+        root, done = run.root, run.completed
+        if op == "prepare":
+            assert await fds_settle(run.fds) == run.fds, point
+            if root.exists():  # the hop ran, to its end
+                assert sorted(os.listdir(root)) == [".consumers", "cur", "new", "tmp"]
+            else:
+                assert point.phase == "before", point
+            return
+        tmp = 1  # tmp/old
+        name = run.names[1]
+        if op in ("create", "create-existing"):
+            if done:
+                handle = cast(AsyncTextIOWrapper, run.result)
+                assert handle.name == str(root / "tmp" / "f")
+                await handle.close()
+            # A cancelled create removes the file it made, never one it found.
+            tmp += done or op == "create-existing"
+            if op == "create-existing":
+                assert (root / "tmp" / "f").read_text() == "kept"
+        elif op == "move":
+            # Moved or not: never both, never neither.
+            moved = (root / "tmp" / name).exists()
+            assert moved != (root / "new" / name).exists(), point
+            assert moved == (done or point.phase != "before"), point
+            run.payloads[b"m1"] -= moved
+            tmp += moved
+        elif op == "copy":
+            # A cancelled copy takes its copy back.
+            assert (root / "tmp" / name).exists() == done, point
+            tmp += done
+        elif op == "remove":
+            run.payloads[b"m1"] -= not (root / "new" / name).exists()
+        elif op == "deliver":
+            run.payloads[b"delivered"] += done  # a cancelled one is taken back
+        elif op == "claim":
+            if done:
+                assert run.result is True
+                run.messages.append(run.store.message(name))
+            else:
+                assert (root / "new" / name).exists(), point
+        elif op == "recover":
+            stuck = os.listdir(root / "cur")
+            stuck.remove(run.messages[0].path.name)
+            if stuck:  # cancelled before it started: still the dead consumer's
+                assert point.phase == "before", point
+                (root / "cur" / stuck[0]).rename(root / "new" / name)
+            assert (root / "new" / name).read_bytes() == b"m1"
+        elif op == "clean_tmp":
+            tmp -= not (root / "tmp" / "old").exists()
+        elif op == "done":
+            message = run.messages[0]
+            assert message.state == ("held" if point.phase == "before" and not done else "done")
+            run.payloads[b"m0"] -= message.state == "done"
+        elif op == "release":
+            message = run.messages[0]
+            released = message.state == "released"
+            assert released == (done or point.phase != "before"), (point, message)
+            if released:
+                # A stale Message cannot act on a later claim of the same name.
+                assert await run.store.claim(message.name)
+                again = run.store.message(message.name)
+                assert again.path == message.path  # same store, same owner: same file
+                with pytest.raises(RuntimeError, match="released"):
+                    await message.done()
+                assert again.path.exists()
+                run.messages = [again]
+        elif op == "consume":
+            if done:
+                run.messages.append(cast(Message, run.result))
+            else:
+                assert (root / "new" / name).exists(), point
+            if run.gen is not None:  # cancelled, it has ended already
+                await run.gen.aclose()
+                run.gen = None
+        elif op == "consume-aclose":
+            run.gen = None  # closed, cancelled or not: its fds are checked below
+        elif op == "aclose":
+            # Even a cancelled aclose() gives everything back and lets go.
+            assert run.store.owner is None, point
+            assert [m.state for m in run.messages] == ["closed", "closed"], point
+            assert os.listdir(root / ".consumers") == [], point
+            assert os.listdir(root / "cur") == [], point
+            run.fds -= 1  # the consumer lock's
+        await assert_tidy(run, point, tmp=tmp)
+        await finish(run)
+
+    points = await cancel_points(prepare, call, check)
+    assert points, "no hop was cancelled"

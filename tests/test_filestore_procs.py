@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -24,7 +25,7 @@ import pytest
 
 from atempstore import FileStore
 
-from .conftest import spawn_python
+from .conftest import run_python, spawn_python
 
 pytestmark = pytest.mark.multiprocess
 
@@ -427,3 +428,197 @@ def test_idle_consumer_costs_no_cpu(tmp_path: Path) -> None:
         used, elapsed = cpu_seconds(proc.pid) - before, time.monotonic() - start
     print(f"idle consumer: {used * 1e3:.0f} ms of CPU in {elapsed:.2f} s")
     assert used / elapsed < 0.02
+
+
+# --------------------------------------------------------------------------
+# fork(): a child's inherited store leaves the parent's claims and lock alone
+
+FORKER = """
+import asyncio, fcntl, gc, json, multiprocessing, os, sys
+from atempstore import FileStore
+
+ROOT, HOW = sys.argv[1], sys.argv[2]
+
+
+def held(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+store = FileStore(ROOT)
+
+
+async def setup() -> list[str]:
+    await store.prepare()
+    names = [await store.deliver(str(i).encode()) for i in range(3)]
+    for name in names[:2]:
+        assert await store.claim(name)
+    return names
+
+
+NAMES = asyncio.run(setup())
+OWNER = store.owner
+LOCK = os.path.join(ROOT, ".consumers", f"{OWNER}.lock")
+
+
+def in_child() -> None:
+    global store
+    if HOW in ("aclose", "mp-aclose"):
+        asyncio.run(store.aclose())
+    elif HOW == "gc":
+        # A daemonizing child closes every fd, then opens its own files,
+        # which take the freed numbers; the store is collected after that.
+        os.closerange(3, 4096)
+        mine = [os.open(os.devnull, os.O_WRONLY) for _ in range(64)]
+        del store
+        gc.collect()
+        for fd in mine:
+            os.write(fd, b"still mine")  # EBADF if the collection closed it
+    elif HOW == "exit":
+        sys.exit(0)  # a normal exit: atexit hooks and finalizers run
+    elif HOW == "settle":
+        message = store.message(NAMES[0]) if NAMES[0] in store._held else None
+        assert message is None, "the child must not hold the parent's messages"
+    elif HOW == "claim":
+        # The inherited store claims for the child, under an owner of its own,
+        # then the child dies holding the claim.
+        assert asyncio.run(store.claim(NAMES[2]))
+        assert store.owner != OWNER, "claimed under the parent's owner"
+        os._exit(0)
+
+
+if HOW == "settle":
+    inherited = store.message(NAMES[0])
+if HOW.startswith("mp-"):
+    child = multiprocessing.get_context("fork").Process(target=in_child)
+    child.start()
+    child.join()
+    code = child.exitcode
+else:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if HOW == "settle":
+                try:
+                    asyncio.run(inherited.done())
+                except RuntimeError as exc:
+                    assert "parent" in str(exc), exc
+                    assert inherited.state == "forked", inherited
+                else:
+                    raise AssertionError("a child settled its parent's message")
+            in_child()
+        except BaseException as exc:
+            if isinstance(exc, SystemExit) and not exc.code:
+                raise
+            import traceback
+            traceback.print_exc()
+            os._exit(1)
+        if HOW != "exit":
+            os._exit(0)
+        sys.exit(0)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+report = {
+    "child": code,
+    "cur": sorted(os.listdir(os.path.join(ROOT, "cur"))),
+    "new": sorted(os.listdir(os.path.join(ROOT, "new"))),
+    "lock_exists": os.path.exists(LOCK),
+    "lock_held": os.path.exists(LOCK) and held(LOCK),
+}
+
+
+async def parent_goes_on() -> None:
+    report["recovered"] = await FileStore(ROOT).recover()
+    for name in NAMES[:2]:
+        await store.message(name).done()  # the parent still settles its own
+    await store.aclose()
+    report["consumers"] = os.listdir(os.path.join(ROOT, ".consumers"))
+
+
+asyncio.run(parent_goes_on())
+print(json.dumps({"names": NAMES, "owner": OWNER, **report}))
+"""
+
+
+@pytest.mark.parametrize("how", ["aclose", "mp-aclose", "gc", "exit", "settle", "claim"])
+def test_forked_child_leaves_the_parents_claims_alone(tmp_path: Path, how: str) -> None:
+    root = tmp_path / "store"
+    done = run_python_quietly(FORKER, str(root), how)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    names, owner = report["names"], report["owner"]
+    assert report["child"] == 0, done.stderr
+    # The parent's two claims are still its own, its lock file there and held.
+    mine = [f"{name}~{owner}" for name in names[:2]]
+    assert [c for c in report["cur"] if c.endswith(owner)] == sorted(mine)
+    assert report["lock_exists"]
+    assert report["lock_held"]
+    if how == "claim":
+        # The child's claim was its own: once the child is dead, it comes back.
+        assert report["new"] == []
+        assert report["recovered"] == [names[2]]
+    else:
+        assert report["cur"] == sorted(mine)
+        assert report["new"] == [names[2]]  # nothing of the parent's given back
+        assert report["recovered"] == []
+    assert report["consumers"] == []  # the parent cleaned up after itself
+
+
+ORPHANING = """
+import asyncio, os, sys
+from atempstore import FileStore
+
+store = FileStore(sys.argv[1])
+
+
+async def setup() -> list[str]:
+    await store.prepare()
+    names = [await store.deliver(str(i).encode()) for i in range(2)]
+    for name in names:
+        assert await store.claim(name)
+    return names
+
+
+names = asyncio.run(setup())
+if os.fork() == 0:
+    sys.stdin.readline()  # the child lives on, with the store it inherited
+    os._exit(0)
+print(" ".join(names), flush=True)
+os._exit(0)  # the parent dies without aclose(), as in a crash
+"""
+
+
+def test_a_dead_parent_is_recovered_while_its_forked_child_lives(tmp_path: Path) -> None:
+    """The child's copy of the lock fd must not keep a dead parent 'alive'."""
+    root = tmp_path / "store"
+    parent = spawn_python(ORPHANING, str(root))
+    try:
+        assert parent.stdout is not None
+        names = sorted(parent.stdout.readline().split())
+        assert parent.wait(timeout=60) == 0
+        # The child still runs (it waits on the stdin it shares with us).
+        recovered = asyncio.run(FileStore(root).recover())
+        assert sorted(recovered) == names
+    finally:
+        assert parent.stdin is not None
+        parent.stdin.write("bye\n")
+        parent.stdin.close()
+        parent.kill()
+        parent.wait(timeout=30)
+        for stream in (parent.stdout, parent.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def run_python_quietly(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`run_python`, with Python's warning about fork() in a threaded process
+    silenced: the pool threads exist, and forking anyway is the point."""
+    return run_python(
+        "import warnings\nwarnings.simplefilter('ignore', DeprecationWarning)\n" + code, *args
+    )

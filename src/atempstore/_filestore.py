@@ -29,10 +29,18 @@ How the queue stays correct when processes die:
   unavailable (another OS, or the per-user instance limit reached) a consumer
   falls back to rescanning ``new/`` every 50 ms.
 
-Every public coroutine makes one worker-thread hop.  Calls that change the
-store run to their end even when the calling task is cancelled (native asyncio
-cancellation does not wait for a worker thread), so a cancelled claim is given
-back instead of staying held by a live owner forever.
+* **Forking**: a child process inherits the parent's consumer lock fd (the
+  same open file description) and its `Message` objects.  At ``fork()`` the
+  child's copy of every store forgets the parent's owner: it closes its copy
+  of the fd (which leaves the parent's lock held) and never gives back,
+  settles or unlinks anything of the parent's.  Its next claim takes a lock
+  of its own.
+
+Every public coroutine makes one worker-thread hop through `run_sync`.  A hop
+that changes the store runs to its end even when the calling task is
+cancelled, and what a cancelled caller will never see (a claim, an open file,
+a delivered message) is rolled back through ``undo=``; the objects' state is
+updated from what the hop really did, cancelled or not.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import IO, Any, Literal, TypeVar, overload
 
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 from aiofiles.threadpool.text import AsyncTextIOWrapper
@@ -67,6 +75,7 @@ from anyio.abc import AsyncResource
 from ._durable import (
     create_exclusive,
     fsync_dir,
+    makedirs,
     publish_link,
     publish_new_file,
     temp_name,
@@ -75,7 +84,7 @@ from ._durable import (
 from ._handles import AsyncFile, wrap_file
 from ._locks import try_lock_exclusive
 from ._paths import check_name
-from ._threads import run_sync
+from ._threads import _shielded, _start_thread, run_sync
 
 __all__ = ("AREAS", "FileStore", "Message", "QueueStatus")
 
@@ -97,6 +106,9 @@ _STALE_LOCK_TMP = 3600.0
 # Rescan interval of a consumer that could not get an inotify watch.
 _POLL_INTERVAL = 0.05
 _FILE_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
+#: The mode of every directory `FileStore.prepare` creates (the umask applies
+#: too): messages are written 0600, so a store is its user's.
+DIR_MODE = 0o700
 
 
 # --------------------------------------------------------------------------
@@ -211,7 +223,93 @@ def _maildir_name(now: float) -> str:
 
 
 # --------------------------------------------------------------------------
-# Cancellation: state-changing hops always finish
+# The consumer lock, its release off the loop, and fork
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def _close_off_loop(fd: int) -> None:
+    """Close ``fd`` now, or on a thread of its own if called on an event loop.
+
+    The finalizer of a store dropped without `FileStore.aclose` runs wherever
+    the garbage collector happens to run, often on the event loop; a close
+    there is a syscall on the lock file (a round trip on NFS) that cannot be
+    awaited, so it is handed to a thread.  Elsewhere (a worker thread, the
+    interpreter's exit) it closes at once.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _close_quietly(fd)
+        return
+    threading.Thread(
+        target=_close_quietly, args=(fd,), name="atempstore close", daemon=True
+    ).start()
+
+
+async def _run_to_end(func: Callable[[], object]) -> None:
+    """Run a clean-up ``func`` in a hop that happens even if the caller is
+    cancelled before the hop started (a dropped hop would leave an fd open, or
+    a closing store's lock held): then on a thread of its own, waited for."""
+    ran = False
+
+    def hop() -> None:
+        nonlocal ran
+        ran = True
+        func()
+
+    try:
+        await run_sync(hop)
+    except BaseException:
+        if not ran:
+            loop = asyncio.get_running_loop()
+
+            def on_thread() -> None:
+                try:
+                    func()
+                except Exception as exc:  # the caller is being cancelled: report it
+                    context = {"message": "atempstore: a clean-up failed", "exception": exc}
+                    with contextlib.suppress(RuntimeError):  # loop closed
+                        loop.call_soon_threadsafe(loop.call_exception_handler, context)
+
+            await _shielded(_start_thread(loop, on_thread))
+        raise
+
+
+class _Owner:
+    """One consumer identity of a `FileStore`: its id, its locked lock file's fd,
+    and the process that took it.  A `Message` keeps the owner it was claimed
+    under, so it can never act for a later owner of the same store."""
+
+    __slots__ = ("__weakref__", "fd", "finalizer", "id", "pid")
+
+    def __init__(self, owner_id: str, fd: int, store: FileStore) -> None:
+        self.id = owner_id
+        self.fd = fd
+        self.pid = os.getpid()
+        # Closing the fd is what releases the lock; do it if the store is
+        # dropped without aclose(), as a file object would.
+        self.finalizer = weakref.finalize(store, _close_off_loop, fd)
+
+
+_stores: weakref.WeakSet[FileStore] = weakref.WeakSet()
+
+
+def _forget_inherited_owners() -> None:
+    # In a forked child, before any of its code runs.  The inherited lock fd
+    # shares the parent's open file description: LOCK_UN on it, or giving
+    # back the parent's claims, or unlinking its lock file, would wreck the
+    # parent, which is still alive (issue 11).  Closing the child's copy
+    # leaves the parent's lock held and lets the parent's death be seen even
+    # while the child lives.  It runs inside fork(), never on a running loop.
+    for store in list(_stores):
+        store._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_forget_inherited_owners)
 
 
 # --------------------------------------------------------------------------
@@ -437,11 +535,10 @@ class FileStore(AsyncResource):
         # Claims and aclose() exclude each other through this mutex, so no
         # claim is ever made under an owner whose lock is being let go.
         self._owner_mutex = threading.Lock()
-        self._owner: str | None = None
-        self._owner_fd: int | None = None
-        self._owner_finalizer: weakref.finalize[Any, Any] | None = None
+        self._owner: _Owner | None = None
         self._held: dict[str, Message] = {}
         self._use_inotify = True
+        _stores.add(self)  # pure Python: so that a forked child forgets our owner
 
     def __repr__(self) -> str:
         return f"<FileStore {self._root!r}>"
@@ -467,7 +564,20 @@ class FileStore(AsyncResource):
             print(store.owner)  # e.g. '9f2c4e1ab3d05e77'
             ```
         """
-        return self._owner
+        owner = self._owner
+        return None if owner is None else owner.id
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: let go of the parent's owner without touching it."""
+        # A mutex held by another thread at fork() stays held forever here.
+        self._owner_mutex = threading.Lock()
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.finalizer.detach()  # the fd number is closed now, not again later
+            _close_quietly(owner.fd)
+        for message in self._held.values():
+            message._state = "forked"
+        self._held.clear()
 
     # -- helpers ------------------------------------------------------------
 
@@ -482,19 +592,19 @@ class FileStore(AsyncResource):
     def _lock_path(self, owner: str) -> str:
         return os.path.join(self._consumers, owner + _LOCK_SUFFIX)
 
-    def _take_owner_lock(self) -> str:
-        """Return this store's owner id, creating and locking its lock file first.
+    def _take_owner_lock(self) -> _Owner:
+        """Return this store's owner, creating and locking its lock file first.
 
         Call with ``_owner_mutex`` held, in a worker thread.
         """
-        if self._owner is not None and self._owner_fd is not None:
+        if self._owner is not None:
             return self._owner
         with contextlib.suppress(FileExistsError):
-            os.mkdir(self._consumers)
-        owner = secrets.token_hex(8)
-        final = self._lock_path(owner)
+            os.mkdir(self._consumers, DIR_MODE)  # a store prepared by an older version
+        owner_id = secrets.token_hex(8)
+        final = self._lock_path(owner_id)
         tmp = final + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | _FILE_FLAGS, 0o600)
         try:
             # A brand-new file: nobody else can hold its lock yet.
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -506,31 +616,36 @@ class FileStore(AsyncResource):
             os.close(fd)
             unlink_quietly(tmp)
             raise
-        self._owner, self._owner_fd = owner, fd
-        # Closing the fd is what releases the lock; do it if the store is
-        # dropped without aclose(), as a file object would.
-        self._owner_finalizer = weakref.finalize(self, os.close, fd)
+        owner = self._owner = _Owner(owner_id, fd, self)
         return owner
 
-    def _claim_sync(self, name: str) -> str | None:
+    def _claim_sync(self, name: str) -> tuple[str, _Owner] | None:
+        """Claim ``name``: its file in ``cur/`` and the owner it is claimed
+        under, or None if another claimer won (or it was never there)."""
+        src = os.path.join(self._dirs["new"], name)
         with self._owner_mutex:
             owner = self._take_owner_lock()
-            claimed = f"{name}{_OWNER_SEP}{owner}"
+            claimed = f"{name}{_OWNER_SEP}{owner.id}"
             try:
-                os.rename(
-                    os.path.join(self._dirs["new"], name), os.path.join(self._dirs["cur"], claimed)
-                )
+                os.rename(src, os.path.join(self._dirs["cur"], claimed))
             except FileNotFoundError:
-                return None  # someone else won, or it was never there
-            return claimed
+                if os.path.lexists(src):
+                    # Not a lost race: cur/ itself is gone.  Returning False
+                    # would make a consumer skip every message, silently.
+                    cur = self._dirs["cur"]
+                    raise FileNotFoundError(
+                        errno.ENOENT, "the store has no cur/ directory; run prepare()", cur
+                    ) from None
+                return None
+            return claimed, owner
 
     def _give_back_sync(self, claimed: str, name: str) -> None:
         rename_noreplace(
             os.path.join(self._dirs["cur"], claimed), os.path.join(self._dirs["new"], name)
         )
 
-    def _adopt(self, name: str, claimed: str) -> Message:
-        message = Message(self, name, os.path.join(self._dirs["cur"], claimed))
+    def _adopt(self, name: str, claimed: str, owner: _Owner) -> Message:
+        message = Message(self, name, os.path.join(self._dirs["cur"], claimed), owner)
         self._held[name] = message
         return message
 
@@ -538,6 +653,10 @@ class FileStore(AsyncResource):
 
     async def prepare(self) -> None:
         """Create the store's directories; harmless when they exist.
+
+        Every directory it creates (each missing level of the path too) gets
+        mode 0700, less the umask, and is made durable: its parent directory
+        is fsynced, so a power cut cannot lose the store.
 
         Example:
             ```python
@@ -548,11 +667,13 @@ class FileStore(AsyncResource):
         """
 
         def make() -> None:
-            os.makedirs(self._root, exist_ok=True)
+            # Every level created gets DIR_MODE (os.makedirs gives it to the
+            # last one only), and its parent is fsynced.
+            makedirs(self._root, DIR_MODE)
             created = False
             for directory in (*self._dirs.values(), self._consumers):
                 try:
-                    os.mkdir(directory)
+                    os.mkdir(directory, DIR_MODE)
                 except FileExistsError:
                     if not os.path.isdir(directory):
                         raise NotADirectoryError(
@@ -580,8 +701,9 @@ class FileStore(AsyncResource):
         """Open ``tmp/<name>`` for writing and return an aiofiles handle.
 
         ``mode`` is a writing mode (``"w"``, ``"wb"``, ``"x"``, ``"a"``...).
-        The file is opened without following a symlink.  Move it to ``new/``
-        with `move` once it is complete.
+        The file is opened without following a symlink; the handle's ``name``
+        is its path.  Move it to ``new/`` with `move` once it is complete.  A
+        cancelled call closes the file and removes it if it created it.
 
         Example:
             ```python
@@ -595,16 +717,38 @@ class FileStore(AsyncResource):
         path = os.path.join(self._dirs["tmp"], name)
         pymode = mode.replace("x", "w").replace("t", "")
 
-        def open_it() -> Any:
-            fd = os.open(path, flags, 0o666)
-            try:
-                return os.fdopen(fd, pymode)
-            except BaseException:
-                os.close(fd)
-                raise
+        created = False
 
-        file = await run_sync(open_it, undo=lambda f: f.close())
-        return wrap_file(file)
+        def opener(file: str, _flags: int) -> int:
+            # O_EXCL first, to know whether the file is ours to remove if the
+            # caller is cancelled (an existing file is only truncated or
+            # appended to, as asked, and never removed).
+            nonlocal created
+            while True:
+                try:
+                    fd = os.open(file, flags | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    if flags & os.O_EXCL:
+                        raise  # mode "x"
+                else:
+                    created = True
+                    return fd
+                try:
+                    return os.open(file, flags & ~os.O_CREAT)
+                except FileNotFoundError:
+                    continue  # removed between the two opens: create it after all
+
+        def open_it() -> IO[Any]:
+            # open() with an opener: the file object's name is the path.
+            file: IO[Any] = open(path, pymode, opener=opener)  # noqa: SIM115 - handed out
+            return file
+
+        def undo(file: IO[Any]) -> None:
+            file.close()
+            if created:
+                unlink_quietly(path)
+
+        return wrap_file(await run_sync(open_it, undo=undo))
 
     async def list(self, area: str) -> builtins.list[Path]:
         """Full paths of the files in ``area``, oldest first; hidden entries excluded.
@@ -656,7 +800,8 @@ class FileStore(AsyncResource):
         """Copy ``name`` from one area to another; never replaces a file.
 
         The copy is written under a hidden temporary name and published whole,
-        so a consumer never claims a half-copied message.
+        so a consumer never claims a half-copied message.  A cancelled call
+        removes the copy it published, unless it was moved on meanwhile.
 
         Example:
             ```python
@@ -667,26 +812,38 @@ class FileStore(AsyncResource):
         src = os.path.join(self._area(from_area), name)
         dst = os.path.join(self._area(to_area), name)
 
-        def copy_it() -> None:
+        def copy_it() -> tuple[int, int]:
             if os.path.lexists(dst):
                 raise FileExistsError(errno.EEXIST, "copy() never replaces a file", dst)
             source_fd = os.open(src, os.O_RDONLY | _FILE_FLAGS)
             with os.fdopen(source_fd, "rb") as source:
                 tmp = temp_name(dst)  # hidden: never listed, never claimed
-                with os.fdopen(create_exclusive(tmp), "wb") as target:
-                    try:
+                try:
+                    with os.fdopen(create_exclusive(tmp), "wb") as target:
                         shutil.copyfileobj(source, target)
                         target.flush()
                         if durable:
                             os.fsync(target.fileno())
-                    except BaseException:
-                        unlink_quietly(tmp)
-                        raise
+                        copied = os.fstat(target.fileno())
+                except BaseException:
+                    unlink_quietly(tmp)  # a failed close too (EIO, NFS ENOSPC)
+                    raise
             publish_link(tmp, dst)
             if durable:
                 fsync_dir(os.path.dirname(dst))
+            return copied.st_dev, copied.st_ino
 
-        await run_sync(copy_it)
+        def undo(copied: tuple[int, int]) -> None:
+            # Only our copy: a consumer may have claimed it (gone from dst)
+            # and someone else put a file of that name there since.
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(dst)
+                if (st.st_dev, st.st_ino) == copied:
+                    unlink_quietly(dst)
+                    if durable:
+                        fsync_dir(os.path.dirname(dst))
+
+        await run_sync(copy_it, undo=undo)
 
     async def remove(self, name: str, area: str) -> None:
         """Delete ``name`` from ``area``.
@@ -711,8 +868,10 @@ class FileStore(AsyncResource):
         (ENOSPC, EIO...) the error is raised and nothing is left in ``tmp/``
         or ``new/``.  ``durable=False`` skips both fsyncs.
 
-        A cancelled ``deliver`` finishes its hop first; the message may then
-        have been delivered.
+        A cancelled ``deliver`` finishes its hop, then takes its message back
+        out of ``new/``: the caller, who never learnt the name, may send it
+        again without a duplicate.  Only a consumer that claimed it in the
+        microseconds in between has it then (at-least-once).
 
         Example:
             ```python
@@ -730,7 +889,15 @@ class FileStore(AsyncResource):
             publish_new_file(new, name, data, staging=tmp, durable=durable)
             return name
 
-        return await run_sync(publish)
+        def take_back(name: str) -> None:
+            try:
+                os.unlink(os.path.join(new, name))
+            except FileNotFoundError:
+                return  # already claimed: it is delivered
+            if durable:
+                fsync_dir(new)
+
+        return await run_sync(publish, undo=take_back)
 
     async def claim(self, name: str) -> bool:
         """Move ``new/<name>`` to ``cur/``; True for exactly one of all competing claimers.
@@ -747,14 +914,14 @@ class FileStore(AsyncResource):
         """
         check_name(name)
 
-        def undo(claimed: str | None) -> None:
-            if claimed is not None:  # won, but the cancelled caller will never know
-                self._give_back_sync(claimed, name)
+        def undo(got: tuple[str, _Owner] | None) -> None:
+            if got is not None:  # won, but the cancelled caller will never know
+                self._give_back_sync(got[0], name)
 
-        claimed = await run_sync(lambda: self._claim_sync(name), undo=undo)
-        if claimed is None:
+        got = await run_sync(self._claim_sync, name, undo=undo)
+        if got is None:
             return False
-        self._adopt(name, claimed)
+        self._adopt(name, *got)
         return True
 
     def message(self, name: str) -> Message:
@@ -771,22 +938,24 @@ class FileStore(AsyncResource):
         return self._held[name]
 
     async def _claim_next(
-        self, backlog: _Backlog, arrived: builtins.list[str], rescan: bool
+        self, watcher: _Watcher, backlog: _Backlog, rescan: bool
     ) -> Message | None:
         new = self._dirs["new"]
 
-        def take() -> tuple[str, str] | None:
-            if rescan:
+        def take() -> tuple[str, str, _Owner] | None:
+            # The inotify fd is read here too, not on the loop.
+            arrived, overflow = watcher.drain()
+            if rescan or overflow:
                 backlog.rescan(new)
             else:
                 backlog.add(new, arrived)
             while (name := backlog.pop()) is not None:
-                claimed = self._claim_sync(name)
-                if claimed is not None:
-                    return name, claimed
+                got = self._claim_sync(name)
+                if got is not None:
+                    return name, *got
             return None
 
-        def undo(got: tuple[str, str] | None) -> None:
+        def undo(got: tuple[str, str, _Owner] | None) -> None:
             if got is not None:
                 self._give_back_sync(got[1], got[0])
 
@@ -832,8 +1001,7 @@ class FileStore(AsyncResource):
                         if recover_interval is None
                         else time.monotonic() + recover_interval
                     )
-                arrived, overflow = watcher.drain()
-                message = await self._claim_next(backlog, arrived, rescan or overflow)
+                message = await self._claim_next(watcher, backlog, rescan)
                 rescan = False
                 if message is not None:
                     yield message
@@ -842,7 +1010,7 @@ class FileStore(AsyncResource):
         finally:
             # Not on the loop: closing an inotify fd waits for an RCU grace
             # period in the kernel (2-8 ms measured here).
-            await run_sync(watcher.close)
+            await _run_to_end(watcher.close)
 
     async def recover(self) -> builtins.list[str]:
         """Give messages held by dead consumers back to ``new/``; return their names.
@@ -902,7 +1070,7 @@ class FileStore(AsyncResource):
     def _recover_sync(self) -> builtins.list[str]:
         owners, leftovers = self._consumer_files()
         owners.update(self._claims_by_owner())
-        owners.discard(self._owner or "")
+        owners.discard(self.owner or "")
         dead: dict[str, int] = {}
         recovered: builtins.list[str] = []
         try:
@@ -943,7 +1111,8 @@ class FileStore(AsyncResource):
     async def status(self) -> QueueStatus:
         """Count the files per area, the age of the oldest waiting message, and the claims.
 
-        Read-only: it never takes a dead consumer's lock for longer than a check.
+        Read-only: it never takes a dead consumer's lock for longer than a
+        check, and a cancelled call still lets go of it before it returns.
 
         Example:
             ```python
@@ -965,12 +1134,13 @@ class FileStore(AsyncResource):
                 sec, usec, _, _ = min(keys)
                 oldest = max(0.0, now - (sec + usec / 1_000_000))
             claims = self._claims_by_owner()
+            mine = self.owner
             live = 0
             dead: builtins.list[str] = []
             unknown: builtins.list[str] = []
             for owner, held in claims.items():
                 names = [name for _, name in held]
-                if owner == self._owner:
+                if owner == mine:
                     live += len(held)
                     continue
                 if not os.path.exists(self._lock_path(owner)):
@@ -991,7 +1161,9 @@ class FileStore(AsyncResource):
                 unknown_claims=sorted(unknown),
             )
 
-        return await run_sync(look, abandon_on_cancel=True)
+        # Not abandoned on cancel: the probe holds dead owners' locks for a
+        # moment, and a concurrent recover() must not find them taken later.
+        return await run_sync(look)
 
     async def clean_tmp(self, older_than: float = 36 * 3600) -> builtins.list[Path]:
         """Remove files abandoned in ``tmp/`` (and hidden copy leftovers) older than
@@ -1047,13 +1219,17 @@ class FileStore(AsyncResource):
             ```
         """
         held = dict(self._held)
+        closed: builtins.list[_Owner] = []
 
         def close() -> None:
             with self._owner_mutex:
-                if self._owner is None or self._owner_fd is None:
+                owner = self._owner
+                if owner is None:
                     return
                 left = 0
                 for name, message in held.items():
+                    if message._owner is not owner or message._state != "held":
+                        continue  # a done()/release() in flight settles it
                     try:
                         self._give_back_sync(message._claimed, name)
                     except FileNotFoundError:
@@ -1061,19 +1237,27 @@ class FileStore(AsyncResource):
                     except FileExistsError:
                         left += 1
                 if not left:
-                    unlink_quietly(self._lock_path(self._owner))
-                assert self._owner_finalizer is not None
-                self._owner_finalizer()  # closes the fd: the lock is released
-                self._owner = self._owner_fd = self._owner_finalizer = None
+                    unlink_quietly(self._lock_path(owner.id))
+                self._owner = None
+                owner.finalizer()  # closes the fd: the lock is released
+                closed.append(owner)
 
-        await run_sync(close)
-        for name, message in held.items():
-            message._state = "closed"
-            self._held.pop(name, None)
+        try:
+            await _run_to_end(close)
+        finally:
+            # Even when the caller was cancelled: the hop ran to its end, and
+            # the messages must say they are no longer held.
+            for owner in closed:
+                for message in held.values():
+                    if message._owner is owner and message._state == "held":
+                        message._settled("closed")
 
     async def __aenter__(self) -> FileStore:
         await self.prepare()
         return self
+
+
+_State = Literal["held", "settling", "done", "released", "closed", "forked"]
 
 
 class Message:
@@ -1084,6 +1268,11 @@ class Message:
     manager it calls `done` when the block succeeds and `release` when it
     raises.
 
+    Its `state` always tells what happened to the file, even after a
+    cancelled `done` or `release`, and a `Message` only ever acts on its own
+    claim: once settled (or given back by `FileStore.aclose`, or inherited by
+    a forked child) it cannot touch a later claim of the same name.
+
     Example:
         ```python
         async for message in store.consume():
@@ -1092,15 +1281,16 @@ class Message:
         ```
     """
 
-    __slots__ = ("_claimed", "_path", "_state", "_store", "name")
+    __slots__ = ("_claimed", "_owner", "_path", "_state", "_store", "name")
 
-    def __init__(self, store: FileStore, name: str, path: str) -> None:
+    def __init__(self, store: FileStore, name: str, path: str, owner: _Owner) -> None:
         self._store = store
         #: The message's name in ``new/`` (without the owner suffix).
         self.name = name
         self._path = path
         self._claimed = os.path.basename(path)
-        self._state = "held"
+        self._owner = owner
+        self._state: _State = "held"
 
     def __repr__(self) -> str:
         return f"<Message {self.name!r} {self._state}>"
@@ -1116,17 +1306,38 @@ class Message:
         """
         return Path(self._path)
 
-    def _check_held(self, action: str) -> bool:
-        if self._state == "held":
+    @property
+    def state(self) -> _State:
+        """``"held"``; ``"settling"`` while a `done` or `release` runs; then
+        ``"done"``, ``"released"``, ``"closed"`` (given back by
+        `FileStore.aclose`) or ``"forked"`` (claimed by the parent of this
+        forked process, which alone can settle it).
+
+        Example:
+            ```python
+            await message.done()
+            assert message.state == "done"
+            ```
+        """
+        return self._state
+
+    def _check_held(self, action: Literal["done", "release"]) -> bool:
+        state = self._state
+        if state == "held":
             return True
-        if self._state == action:
+        if (state, action) in (("done", "done"), ("released", "release")):
             return False  # a second done() / release() does nothing
-        raise RuntimeError(
-            f"cannot {action}() message {self.name!r}: it was already "
-            + {"done": "done", "release": "released", "closed": "given back by aclose()"}[
-                self._state
-            ]
-        )
+        why = {
+            "settling": "being settled by another done() or release() call",
+            "done": "done",
+            "released": "released",
+            "closed": "given back by aclose()",
+            "forked": (
+                f"claimed by process {self._owner.pid}, the parent of this forked process;"
+                " only that process can settle it"
+            ),
+        }[state]
+        raise RuntimeError(f"cannot {action}() message {self.name!r}: it was already {why}")
 
     async def read(self) -> bytes:
         """The message's bytes.
@@ -1138,6 +1349,29 @@ class Message:
         """
         return await run_sync(_read_file, self._path, abandon_on_cancel=True)
 
+    async def _settle(self, action: Literal["done", "release"], func: Callable[[], None]) -> None:
+        if not self._check_held(action):
+            return
+        self._state = "settling"
+        ran = False
+
+        def hop() -> None:
+            nonlocal ran
+            func()
+            ran = True
+
+        try:
+            await run_sync(hop)
+        finally:
+            # Whether or not the caller was cancelled: the hop either ran to
+            # its end or never started, and the state says which.
+            if ran:
+                self._settled("done" if action == "done" else "released")
+            elif self._owner is self._store._owner:
+                self._state = "held"  # never ran, or failed: still ours
+            else:
+                self._settled("closed")  # failed because aclose() gave it back
+
     async def done(self) -> None:
         """Remove the message: it was handled.  A second call does nothing.
 
@@ -1147,10 +1381,7 @@ class Message:
             await message.done()
             ```
         """
-        if not self._check_held("done"):
-            return
-        await run_sync(lambda: os.unlink(self._path))
-        self._settled("done")
+        await self._settle("done", lambda: os.unlink(self._path))
 
     async def release(self) -> None:
         """Give the message back to ``new/`` for any consumer.  A second call does nothing.
@@ -1161,12 +1392,9 @@ class Message:
                 await message.release()
             ```
         """
-        if not self._check_held("release"):
-            return
-        await run_sync(lambda: self._store._give_back_sync(self._claimed, self.name))
-        self._settled("release")
+        await self._settle("release", lambda: self._store._give_back_sync(self._claimed, self.name))
 
-    def _settled(self, state: str) -> None:
+    def _settled(self, state: _State) -> None:
         self._state = state
         if self._store._held.get(self.name) is self:
             del self._store._held[self.name]
