@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -1129,3 +1130,138 @@ async def test_cancelled_anywhere_leaves_nothing_behind(tmp_path: Path, op: str)
 
     points = await cancel_points(prepare, call, check)
     assert points, "no hop was cancelled"
+
+
+# --------------------------------------------------------------------------
+# Handles, modes, durability of the directories, errors
+
+
+async def test_create_handle_name_is_its_path(store: FileStore) -> None:
+    # gocept's README prints the handle's name: a path, not an fd number.
+    for mode in ("w", "wb", "x", "a+"):
+        name = f"f-{mode}"
+        handle = await store.create(name, mode)
+        try:
+            assert isinstance(handle.name, str)
+            assert handle.name == str(store.path / "tmp" / name)
+            assert handle.name.endswith(f"tmp/{name}")
+        finally:
+            await handle.close()
+
+
+async def test_prepare_gives_every_directory_it_creates_mode_0700(tmp_path: Path) -> None:
+    """os.makedirs(mode=) gives the mode to the last level only."""
+    root = tmp_path / "a" / "b" / "store"
+    before = stat.S_IMODE(tmp_path.stat().st_mode)
+    old = os.umask(0o022)
+    try:
+        store = FileStore(root)
+        await store.prepare()
+        assert await store.claim(await store.deliver(b"x"))
+    finally:
+        os.umask(old)
+    made = [tmp_path / "a", tmp_path / "a" / "b", root]
+    made += [root / area for area in ("tmp", "new", "cur", ".consumers")]
+    assert {str(d): oct(stat.S_IMODE(d.stat().st_mode)) for d in made} == {
+        str(d): "0o700" for d in made
+    }
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == before  # what existed is left alone
+    [lock] = (root / ".consumers").iterdir()
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    await store.aclose()
+
+
+PREPARE = """
+import asyncio, sys
+from atempstore import FileStore
+
+asyncio.run(FileStore(sys.argv[1]).prepare())
+"""
+
+
+@pytest.mark.faults
+def test_prepare_makes_a_new_store_durable(tmp_path: Path) -> None:
+    """Each directory created is followed by an fsync of its parent: a power
+    cut cannot lose the store (or an area) that messages were delivered into."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "a" / "store"
+    log = tmp_path / "strace.log"
+    done = subprocess.run(
+        [
+            *("strace", "-f", "-qq", "-y", "-e", "trace=mkdir,mkdirat,fsync", "-o", str(log)),
+            *(sys.executable, "-c", PREPARE, str(root)),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [line.split(maxsplit=1)[1] for line in log.read_text().splitlines()]
+    made = [c for c in calls if c.startswith("mkdir") and c.endswith("= 0")]
+    synced = [re.search(r"fsync\(\d+<(.*)>\)", c) for c in calls if c.startswith("fsync")]
+    synced_dirs = [m.group(1) for m in synced if m]
+    assert len(made) == 6, calls  # a, store, tmp, new, cur, .consumers
+    # Every new directory's parent is fsynced after it was made.
+    for parent in (tmp_path, tmp_path / "a", root):
+        assert str(parent) in synced_dirs, calls
+
+
+async def test_os_errors_carry_and_name_their_path(tmp_path: Path) -> None:
+    """Every OSError the store raises has ``filename`` and names it."""
+
+    def named(exc: OSError, path: Path) -> None:
+        assert exc.filename == str(path), exc
+        assert str(path) in str(exc), exc
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError) as info:
+        await FileStore(tmp_path / "file" / "s").prepare()
+    named(info.value, tmp_path / "file" / "s")
+
+    root = tmp_path / "s"
+    root.mkdir()
+    (root / "new").write_text("in the way")
+    with pytest.raises(NotADirectoryError) as info:
+        await FileStore(root).prepare()
+    named(info.value, root / "new")
+    (root / "new").unlink()
+
+    store = FileStore(root)
+    await store.prepare()
+    (root / "tmp" / "a").write_text("a")
+    (root / "new" / "a").write_text("b")
+    with pytest.raises(FileExistsError) as info:
+        await store.copy("a", "tmp", "new")
+    named(info.value, root / "new" / "a")
+    with pytest.raises(FileExistsError) as info:
+        await store.move("a", "tmp", "new")
+    named(info.value, root / "tmp" / "a")
+    assert info.value.filename2 == str(root / "new" / "a")
+
+    # A store whose cur/ is gone: an error naming it, not a claim that
+    # silently fails forever.
+    (root / "cur").rmdir()
+    with pytest.raises(FileNotFoundError, match="prepare") as info:
+        await store.claim("a")
+    named(info.value, root / "cur")
+    assert (root / "new" / "a").read_text() == "b"
+    await store.aclose()
+
+    with pytest.raises(FileNotFoundError) as info:
+        await anext(FileStore(tmp_path / "nowhere").consume())
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_cli_queue_reports_any_os_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "store"
+    asyncio.run(FileStore(root).prepare())
+    (root / "cur").rmdir()
+    (root / "cur").symlink_to(root / "cur")  # ELOOP: neither ENOENT nor ENOTDIR
+    assert cli_main(["queue", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "atempstore queue" in err
+    assert str(root / "cur") in err
+    assert "Traceback" not in err

@@ -85,6 +85,10 @@ async def _main(directory: str, recover: bool) -> int:
             file=sys.stderr,
         )
         return 1
+    except OSError as exc:  # EACCES, ELOOP, EIO...: say what and where, no traceback
+        where = exc.filename if exc.filename is not None else directory
+        print(f"atempstore queue: cannot read {where!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(_report(status))
     return 0
 
