@@ -1233,26 +1233,26 @@ async def test_os_errors_carry_and_name_their_path(tmp_path: Path) -> None:
     await store.prepare()
     (root / "tmp" / "a").write_text("a")
     (root / "new" / "a").write_text("b")
-    with pytest.raises(FileExistsError) as info:
+    with pytest.raises(FileExistsError) as exists:
         await store.copy("a", "tmp", "new")
-    named(info.value, root / "new" / "a")
-    with pytest.raises(FileExistsError) as info:
+    named(exists.value, root / "new" / "a")
+    with pytest.raises(FileExistsError) as exists:
         await store.move("a", "tmp", "new")
-    named(info.value, root / "tmp" / "a")
-    assert info.value.filename2 == str(root / "new" / "a")
+    named(exists.value, root / "tmp" / "a")
+    assert exists.value.filename2 == str(root / "new" / "a")
 
     # A store whose cur/ is gone: an error naming it, not a claim that
     # silently fails forever.
     (root / "cur").rmdir()
-    with pytest.raises(FileNotFoundError, match="prepare") as info:
+    with pytest.raises(FileNotFoundError, match="prepare") as missing:
         await store.claim("a")
-    named(info.value, root / "cur")
+    named(missing.value, root / "cur")
     assert (root / "new" / "a").read_text() == "b"
     await store.aclose()
 
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(FileNotFoundError) as missing:
         await anext(FileStore(tmp_path / "nowhere").consume())
-    assert str(tmp_path / "nowhere") in str(info.value)
+    assert str(tmp_path / "nowhere") in str(missing.value)
 
 
 def test_cli_queue_reports_any_os_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
