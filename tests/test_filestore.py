@@ -1265,3 +1265,98 @@ def test_cli_queue_reports_any_os_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "atempstore queue" in err
     assert str(root / "cur") in err
     assert "Traceback" not in err
+
+
+# --------------------------------------------------------------------------
+# The loop thread never touches an fd of the store (strace)
+
+LOOP_TOUR = r"""
+import asyncio, contextlib, gc, sys, threading
+from pathlib import Path
+
+from atempstore import FileStore
+
+root = Path(sys.argv[1])
+
+
+async def tour() -> None:
+    async with FileStore(root) as store:
+        await store.prepare()
+        handle = await store.create("f")
+        await handle.write("x")
+        await handle.close()
+        await store.move("f", "tmp", "new")
+        await store.copy("f", "new", "tmp")
+        await store.remove("f", "tmp")
+        await store.remove("f", "new")
+        await store.list("new")
+        name = await store.deliver(b"job")
+        assert await store.claim(name)
+        await store.message(name).read()
+        await store.message(name).release()
+        async with contextlib.aclosing(store.consume(recover_interval=60)) as messages:
+            async for message in messages:
+                await message.done()
+                break
+
+        # A consumer that waits on inotify, woken by a delivery: its events
+        # are read in the claim hop.
+        consumer = FileStore(root)
+        gen = consumer.consume(recover_interval=60)
+        waiter = asyncio.ensure_future(anext(gen))
+        await asyncio.sleep(0.2)
+        await store.deliver(b"wake")
+        await (await waiter).done()
+        await gen.aclose()
+        await consumer.recover()
+        await consumer.status()
+        await consumer.clean_tmp()
+        # Dropped without aclose(), collected on the loop: its lock fd is closed
+        # by its finalizer, which must hand the close to a thread.
+        del consumer, gen, waiter
+        gc.collect()
+        await asyncio.sleep(0.2)
+
+
+print("loop-thread", threading.get_native_id(), flush=True)
+asyncio.run(tour())
+print("tour done", flush=True)
+"""
+
+
+@pytest.mark.faults
+def test_the_loop_thread_makes_no_syscall_on_the_stores_fds(tmp_path: Path) -> None:
+    """strace -f -yy: no call of the loop thread names a file of the store or
+    the inotify fd, from the first line of the tour on."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    root = tmp_path / "spool"
+    log = tmp_path / "strace.log"
+    command = ["strace", "-f", "-yy", "-qq", "-e", "trace=%file,%desc", "-e", "signal=none"]
+    command += ["-o", str(log), sys.executable, "-c", LOOP_TOUR, str(root)]
+    done = subprocess.run(
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tour done" in done.stdout, done.stdout
+    tid = re.search(r"loop-thread (\d+)", done.stdout)
+    assert tid is not None
+    lines = log.read_text(errors="replace").splitlines()
+    own = [line for line in lines if line.startswith(f"{tid[1]} ")]
+    start = next(i for i, line in enumerate(own) if "loop-thread" in line and "write(" in line)
+    touched = [
+        line
+        for line in own[start:]
+        # epoll_ctl registers the inotify fd with the loop's selector: a call
+        # on the epoll fd, which is how add_reader works at all.
+        if (str(root) in line or "inotify" in line) and not line.split()[1].startswith("epoll_ctl(")
+    ]
+    assert touched == [], "\n".join(touched[:40])
+    # And the tour did what it should have: the strace saw its worker threads' calls.
+    assert any("inotify" in line and "read(" in line for line in lines)
+    assert any(".consumers" in line and line.split()[1].startswith("close(") for line in lines)
