@@ -129,7 +129,7 @@ class SessionStorage:
         """
         stem = slug(prefix) + time.strftime(_TIME_FORMAT, time.gmtime(clock()))
         base = os.fspath(base_dir)
-        location = await run_sync(_create, base, stem)
+        location = await run_sync(_create, base, stem, undo=_uncreate)
         return cls(location)
 
     @property
@@ -359,6 +359,13 @@ class SessionStorageRepository:
 
 # --------------------------------------------------------------------------
 # The blocking halves: each runs whole in one worker-thread hop.
+
+
+def _uncreate(location: Path) -> None:
+    """Undo a `_create` whose caller was cancelled: nobody knows the storage."""
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(location)
+        fsync_dir(location.parent)
 
 
 def _create(base_dir: str, stem: str) -> Path:

@@ -847,7 +847,9 @@ class TempFileManager(AsyncResource):
         del text, mode  # meaningful to OMERO's open-then-close only
         _check_affix("prefix", prefix)
         _check_affix("suffix", suffix)
-        return await run_sync(self._create_path_sync, prefix, suffix, folder)
+        return await run_sync(
+            self._create_path_sync, prefix, suffix, folder, undo=self._discard_created
+        )
 
     def _create_path_sync(self, prefix: str, suffix: str, folder: bool) -> Path:
         opened = self._enter()
@@ -856,6 +858,15 @@ class TempFileManager(AsyncResource):
         finally:
             self._leave()
         return Path(f"{opened.dir}/{name}")
+
+    def _discard_created(self, path: Path) -> None:
+        """Undo a `create_path` whose caller was cancelled: nobody knows the name."""
+        opened = self._enter()
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                _remove_tree(opened.dir_fd, path.name)
+        finally:
+            self._leave()
 
     async def remove_path(self, name: str | os.PathLike[str]) -> None:
         """Delete a file or folder inside `dir` (relative paths are taken from `dir`).
