@@ -9,12 +9,14 @@ here two `FileCache` objects on one directory stand in for two processes
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import gc
 import hashlib
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -893,3 +895,164 @@ async def test_a_failed_copy_tells_readers_the_source_path(tmp_path: Path) -> No
     assert info.value.filename == "origin:/videos/a.mp4"
     assert "origin:/videos/a.mp4" in str(info.value)
     assert isinstance(info.value.__cause__, PermissionError)
+
+
+# --------------------------------------------------------------------------
+# Cancellation at every hop of every public coroutine
+
+
+class Run:
+    """One run of `cancel_points`: a cache (and maybe readers) and what it must give back."""
+
+    def __init__(self, directory: Path, cache: FileCache, fds: collections.Counter[str]) -> None:
+        self.directory = directory
+        self.cache = cache
+        self.fds = fds  # open before the cache was made
+        self.files: list[CachedFile] = []
+        self.opened: list[CachedFile] = []
+        self.agen: Any = None
+
+
+_runs = iter(range(1 << 30))
+
+
+def _our_fds(tmp_path: Path) -> collections.Counter[str]:
+    """What this process's fds point to that a cache could have opened: files
+    under ``tmp_path`` (its directory, the source), eventfds and inotify fds.
+    (A plain count would also see fds of earlier tests closing meanwhile.)"""
+    seen: collections.Counter[str] = collections.Counter()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith((str(tmp_path), "anon_inode:")):
+                seen[target] += 1
+    return seen
+
+
+def _setup(tmp_path: Path, what: str) -> tuple[Callable[[], Any], Callable[[Run], Any]]:
+    """``(prepare, call)`` for the public coroutine ``what``."""
+    src = tmp_path / "src.bin"
+    if not src.exists():
+        src.write_bytes(os.urandom(MiB + 17))
+    data = src.read_bytes()
+
+    async def prepare() -> Run:
+        directory = tmp_path / f"c{next(_runs)}"
+        gc.collect()  # what earlier tests left to the collector closes now, not mid-run
+        run = Run(directory, FileCache(directory, max_size=64 * MiB), _our_fds(tmp_path))
+        if what == "__aenter__":
+            return run
+        await run.cache.__aenter__()
+        if what.startswith("open") or what in ("usage", "FileCache.aclose"):
+            if what in ("open cached", "open shared"):
+                async with run.cache.open(src) as f:
+                    assert await f.wait_cached()
+            if what == "open shared":
+                run.files.append(await run.cache.open(src))
+            if what == "FileCache.aclose":  # a copy running, and a reader of it
+                run.files.append(await run.cache.open(MemorySource(data, rate=2e6)))
+                await run.files[0].read(0, 1)
+            return run
+        source: Any = MemorySource(data, rate=4e6) if what.endswith("copy") else src
+        f = await run.cache.open(source)
+        run.files.append(f)
+        if not what.endswith("copy"):
+            assert await f.wait_cached()
+        if what.startswith("CachedFile.aclose shared"):
+            run.files.append(await run.cache.open(source))
+        return run
+
+    async def call(run: Run) -> object:
+        cache = run.cache
+        if what == "__aenter__":
+            return await cache.__aenter__()
+        if what.startswith("open"):
+            source: Any = MemorySource(data, key="object") if what.endswith("object") else src
+            opened = await cache.open(source)
+            run.opened.append(opened)  # the call completed (the sweep's last run)
+            return opened
+        if what == "usage":
+            return await cache.usage()
+        if what == "FileCache.aclose":
+            await cache.aclose()
+            return None
+        f = run.files[0]
+        if what.startswith("read"):
+            return await f.read(1000, 5000)
+        if what.startswith("iter_bytes"):
+            run.agen = f.iter_bytes(10)
+            return await run.agen.__anext__()
+        assert what.startswith("CachedFile.aclose")
+        # "shared": the second reader, which has a source fd of its own to close.
+        await run.files[-1].aclose()
+        return None
+
+    return prepare, call
+
+
+@pytest.mark.parametrize(
+    "what",
+    [
+        "__aenter__",
+        "open cold",
+        "open cached",
+        "open shared",
+        "open source object",
+        "usage",
+        "read cached",
+        "read copy",
+        "iter_bytes cached",
+        "iter_bytes copy",
+        "CachedFile.aclose cached",
+        "CachedFile.aclose shared",
+        "CachedFile.aclose copy",
+        "FileCache.aclose",
+    ],
+)
+async def test_cancelling_each_public_coroutine_at_each_hop_leaves_nothing_behind(
+    tmp_path: Path, what: str
+) -> None:
+    from .cancelling import CancelPoint, cancel_points
+
+    prepare, call = _setup(tmp_path, what)
+    src_data = (tmp_path / "src.bin").read_bytes()
+
+    async def check(run: Run, point: CancelPoint) -> None:
+        cache = run.cache
+        where = f"{what}, cancelled at {point}"
+        if what == "__aenter__":
+            assert not cache._ready or cache._doorbell is not None, where
+        if what.startswith("open"):
+            # No session was made or shared for the cancelled caller.
+            assert sum(s.refs for s in cache._live) == len(run.files + run.opened), where
+        if what.startswith("CachedFile.aclose"):
+            closed = run.files.pop()
+            with pytest.raises(ValueError, match="closed"):
+                await closed.read(0, 1)
+            assert sum(s.refs for s in cache._live) == len(run.files), where
+        if what in ("read cached", "iter_bytes cached", "read copy", "iter_bytes copy"):
+            assert await run.files[0].read(0, 100) == src_data[:100], where
+        if run.agen is not None:
+            await run.agen.aclose()
+        if what == "FileCache.aclose":
+            assert parts(run.directory) == [], where  # the copy was stopped and removed
+        elif cache._ready and not cache._closed:
+            # The ledger tells the truth: published copies plus live reservations.
+            published = sum(
+                (run.directory / name).stat().st_size for name in visible(run.directory)
+            )
+            reserved = sum(s.size for s in cache._live if s.copier is not None)
+            assert await cache.usage() in (published, published + reserved), where
+        for f in run.files + run.opened:
+            await f.aclose()
+        await cache.aclose()
+        assert cache._live == set(), where  # no session leaked
+        if run.directory.exists():
+            assert parts(run.directory) == [], where
+        # No fd left on the cache's files or the source, nor an eventfd or inotify fd.
+        assert _our_fds(tmp_path) == run.fds, where
+
+    points = await cancel_points(prepare, call, check)
+    # Waiting for a copy's progress, and leaving a copy that runs on, take no hop.
+    if what not in ("read copy", "iter_bytes copy", "CachedFile.aclose copy"):
+        assert points, f"{what} made no thread hop"
