@@ -59,6 +59,10 @@ class _Injector:
         self.hops = 0
         self.fired = False
         self.target: _threads._Hop | None = None
+        # Set once the worker is done with the target hop: a read-only call
+        # the caller abandoned (abandon_on_cancel) may still be running when
+        # the caller has already returned, and `check` must see its end.
+        self.target_done = threading.Event()
 
     def _cancel_and_wait(self) -> None:
         """In the worker: cancel the task and wait until it has seen it."""
@@ -103,10 +107,14 @@ def _injecting(injector: _Injector) -> Iterator[None]:
                 return func(*args)
 
             hop._func = cancelled_meanwhile
-        deliver = real_run(hop)
-        if phase == "after" and deliver is not None:
-            injector.fired = True
-            injector._cancel_and_wait()  # the result is on its way, the caller is gone
+        try:
+            deliver = real_run(hop)
+            if phase == "after" and deliver is not None:
+                injector.fired = True
+                injector._cancel_and_wait()  # the result is on its way, the caller is gone
+        finally:
+            if phase is not None:
+                injector.target_done.set()
         return deliver
 
     _threads._Pool.submit = submit  # type: ignore[method-assign,assignment]
@@ -155,6 +163,8 @@ async def cancel_points(
                         raise
                 else:
                     assert not injector.fired, f"cancelled at {point}, the call still returned"
+                if injector.target is not None:
+                    assert await asyncio.to_thread(injector.target_done.wait, 10), point
             if not injector.fired:
                 # Finished before reaching this hop: every hop is covered.  (The
                 # caller got its result: what it made is the test's to clean up.)

@@ -186,7 +186,7 @@ async def test_cancelled_enter_leaves_no_directory(base: Path) -> None:
 
     # Hold the manager's state mutex so the start hop is stuck in its worker
     # thread when the cancellation arrives; let it go only afterwards.
-    with manager._cond:
+    with manager._core._cond:
         task = asyncio.create_task(enter())
         await asyncio.sleep(0.05)
         assert not task.done()
