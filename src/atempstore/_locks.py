@@ -5,6 +5,14 @@ two tasks of one process that each open the lock file exclude each other, and
 an unrelated ``open()``/``close()`` of the same file never drops a lock (the
 trap of POSIX ``fcntl`` record locks).
 
+Never on the loop.  Every syscall on a lock file or a user's descriptor
+(``open``, ``fstat``, ``flock``, ``ftruncate``, ``close``) runs in a worker
+thread, one hop per public operation: `Lock.acquire` opens, tries and (mode
+``"w"``) truncates in one hop; `Lock.release` and `unlock` flush, unlock,
+close and wait out this process's given-up waiters in one hop; the waiting
+thread closes its own descriptors.  On NFS each of those calls is a round trip
+that may hang, which must never stall the event loop.
+
 Waiting is event-driven.  A task that finds the lock held hands a *blocking*
 ``flock`` to a daemon thread; the kernel wakes that thread the moment the
 holder lets go, and the thread wakes the task with ``call_soon_threadsafe``.
@@ -12,14 +20,43 @@ There is no ``check_interval`` sleep in between, so a handoff costs tens of
 microseconds instead of half a polling interval.  Within one event loop the
 tasks waiting for the same file queue in FIFO order behind a per-file
 turnstile, so only the head of the queue occupies a thread: a hundred waiting
-tasks cost one blocked thread, not a hundred, and none of them holds a token
-of the limiter that file operations use.
+tasks cost one blocked thread, not a hundred, and none of them holds a thread
+that file operations use.
 
-A cancelled or timed-out wait cannot interrupt the blocked ``flock``.  The
-waiting thread works on its own ``dup`` of the descriptor, so the task closes
-its file at once; if the thread is later granted the lock it releases it and
-closes the ``dup`` (a lock nobody asked for anymore lives only between the
-holder's release and that thread waking up).
+A cancelled or timed-out wait cannot interrupt the blocked ``flock``, so the
+thread blocks on a descriptor of its own and the task walks away from it (a
+"ghost", see `_Waiter`).  Which descriptor matters, because a ghost that is
+granted the lock later gives it back with ``LOCK_UN`` on *its open file
+description*:
+
+* `Lock` opens a private file for each acquire; the thread blocks on a
+  ``dup`` of it, and a cancelled acquire closes its file, so nothing but the
+  ghost ever uses that description again.
+* `lock` works on the caller's descriptor, which the caller may lock again
+  right after a timeout.  A ghost sharing that description would drop the
+  retry's lock when it unlocks (issue 11: 5 of 5 trials).  So the thread
+  blocks on a *new* open file description of the same file (``/proc/self/fd``)
+  and, once granted there, moves the lock over: it unlocks its own and takes
+  the caller's with ``LOCK_NB`` (if another holder slipped in between, it
+  waits again).  A ghost of `lock` only ever touches its own description.
+
+A grant the thread is handing over when the task gives up is waited for and
+then given back (or, for mode ``"w"``, handed over: below); a ghost grant is
+given back by the thread itself.
+
+Mode ``"w"`` truncates only when `Lock.acquire` returns the handle.  A
+truncation cannot be undone, so it runs in the worker thread in the same call
+as the grant (the open-and-try hop, or the waiting thread once the kernel
+grants the lock), and only while the task still waits: the hop skips it if
+its caller was cancelled meanwhile (`caller_cancelled`), and the waiting
+thread commits to the grant under a mutex that the task's cancellation takes
+too.  A cancellation that arrives once the truncation has started (the call
+is in flight, or its result is on its way to the task) is *deferred*: the
+acquire returns the handle after all and the task is cancelled again on the
+next turn of the loop, so its next ``await`` raises (`_defer_cancellation`);
+a task that ends with the acquire keeps the handle.  A timeout that fires then
+is not raised: the lock was acquired.  Without truncation there is nothing
+irreversible: a grant that races with a cancellation is given back.
 """
 
 from __future__ import annotations
@@ -29,11 +66,12 @@ import errno
 import fcntl
 import io
 import os
+import stat
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from types import TracebackType
 from typing import IO, Any, Generic, Literal, Protocol, TypeVar, overload
 
@@ -52,7 +90,7 @@ from ._durable import (
 )
 from ._errors import AlreadyLocked, LockException, LockTimeout
 from ._handles import AsyncFile, underlying, wrap_file
-from ._threads import run_sync, run_wait
+from ._threads import _call_soon, _shielded, _wake, caller_cancelled, run_sync, run_wait
 
 __all__ = ("LOCK_EX", "LOCK_NB", "LOCK_SH", "LOCK_UN", "Lock", "lock", "open_atomic", "unlock")
 
@@ -134,66 +172,175 @@ def _lock_error(exc: OSError, label: str, path: str | None) -> LockException:
     return LockException(f"cannot lock {label}: {exc.strerror}", path=path)
 
 
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _close_quietly(fd: int | None) -> None:
+    if fd is not None:
+        with suppress(OSError):
+            os.close(fd)
+
+
+def _defer_cancellation() -> None:
+    """A CancelledError was caught but a result must be returned (a committed
+    mode-"w" grant, see the module docstring): cancel the task again on the
+    next turn of the loop, so that its next ``await`` raises it.  Not at once:
+    a task whose coroutine is the acquire itself (``create_task(acquire())``,
+    ``wait_for``) would then end cancelled and its result, the handle, would
+    be lost; a task that is done by the next turn keeps its result."""
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - always inside a task
+        return
+    uncancel = getattr(task, "uncancel", None)  # 3.11+: the count stays as it was
+    if uncancel is not None:
+        uncancel()
+    task.get_loop().call_soon(_cancel_if_running, task)
+
+
+def _cancel_if_running(task: asyncio.Task[Any]) -> None:
+    if not task.done():
+        task.cancel()
+
+
+_WaiterState = Literal["waiting", "abandoned", "committed", "done"]
+
+
 class _Waiter:
     """One blocking ``flock`` in a daemon thread that the task may walk away from.
 
-    The thread owns ``fd`` (a ``dup`` made for it).  If the task is still
-    waiting when the lock is granted, the task takes the result; if the task
-    abandoned the wait, the thread releases the lock it got and closes ``fd``.
-    A mutex makes "granted" and "abandoned" mutually exclusive.
+    The thread owns its descriptors: ``fd``, the one it blocks on, and, when
+    it moves the lock over to another description (`lock`), ``target``, a
+    ``dup`` of that one.  It closes both itself before it finishes, so the
+    task never makes a syscall for it.
 
-    A blocked ``flock`` cannot be called off, so an abandoned waiter (a
-    "ghost") still takes the lock for a moment once its holder lets go: until
-    its thread gets the GIL back and unlocks.  Ghosts are registered by file
-    (`_ghosts`) so that a release in this process can wait them out
-    (`settle_ghosts`): when ``release()`` returns, the lock is free.
+    States, changed under a mutex the task's cancellation takes too:
+    ``waiting`` (blocked in flock) -> ``committed`` (granted while the task
+    still waited: the thread finishes the grant, moving it over or running
+    ``then``, e.g. the truncation of mode ``"w"``) -> ``done``.  A task that
+    gives up while ``waiting`` makes it ``abandoned``: a "ghost".  A blocked
+    ``flock`` cannot be called off, so a ghost still takes the lock on its own
+    description for a moment once the holder lets go, until its thread gets
+    the GIL back and unlocks.  Ghosts are registered by file (`_ghosts`) so
+    that a release in this process can wait them out (`_unlock_releasing_ghosts`): when
+    ``release()`` returns, the lock is free.  A task that gives up while
+    ``committed`` waits for ``done``; `granted` then says whether it owns a
+    lock it must give back or hand over.
     """
 
-    __slots__ = ("_fd", "_flags", "_mutex", "_state", "error", "gone", "key")
+    __slots__ = (
+        "_fd",
+        "_finished",
+        "_kind",
+        "_loop",
+        "_mutex",
+        "_state",
+        "_target",
+        "_then",
+        "error",
+        "gone",
+        "granted",
+        "key",
+    )
 
-    def __init__(self, fd: int, flags: int) -> None:
+    def __init__(
+        self,
+        fd: int,
+        kind: int,
+        key: tuple[int, int],
+        *,
+        target: int | None = None,
+        then: Callable[[int], None] | None = None,
+    ) -> None:
         self._fd = fd
-        self._flags = flags
+        self._kind = kind
+        self._target = target
+        self._then = then
+        self.key = key
         self._mutex = threading.Lock()
-        self._state = "waiting"
+        self._state: _WaiterState = "waiting"
+        self._finished: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.error: OSError | None = None
-        self.key: tuple[int, int] = (0, 0)
+        self.granted = False
         self.gone = threading.Event()
 
     def run(self) -> None:  # in the waiting thread
+        holding = False  # whether self._fd's description holds the lock
         try:
-            fcntl.flock(self._fd, self._flags)
+            while True:
+                with self._mutex:
+                    if self._abandoned():
+                        return  # given up before this thread ever blocked
+                fcntl.flock(self._fd, self._kind)
+                holding = True
+                with self._mutex:
+                    if self._abandoned():
+                        return  # a ghost: the finally gives the lock back
+                    self._state = "committed"
+                if self._target is None:
+                    self.granted = True
+                    if self._then is not None:
+                        self._then(self._fd)
+                    return
+                # Move the grant over to the caller's description.
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                holding = False
+                try:
+                    fcntl.flock(self._target, self._kind | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno not in _WOULD_BLOCK:
+                        raise
+                    # Another holder slipped in between: wait again, unless
+                    # the task gave up meanwhile (it waits for this to end).
+                    with self._mutex:
+                        if self._finished is not None:
+                            return
+                        self._state = "waiting"
+                    continue
+                self.granted = True
+                return
         except OSError as exc:
             self.error = exc
-        with self._mutex:
-            abandoned = self._state == "abandoned"
-            self._state = "done"
-        if abandoned:
-            try:
-                self._close()
-            finally:
-                _forget_ghost(self)
+        finally:
+            self._finish(holding)
 
-    def abandon(self) -> bool:
-        """Give up the wait; True if the thread will clean up after itself."""
-        key = _file_key(self._fd)  # an fd call: before the thread may close it
+    def _abandoned(self) -> bool:  # under the mutex
+        return self._state == "abandoned"
+
+    def _finish(self, holding: bool) -> None:
+        with self._mutex:
+            ghost = self._state == "abandoned"
+            self._state = "done"
+            finished = self._finished
+        try:
+            if ghost and holding:
+                with suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _close_quietly(self._fd)
+            _close_quietly(self._target)
+        finally:
+            if ghost:
+                _forget_ghost(self)
+            if finished is not None and self._loop is not None:
+                _call_soon(self._loop, _wake, finished)
+
+    def abandon(self) -> asyncio.Future[None] | None:
+        """Give up the wait (on the loop, no syscall).  None: the thread
+        will clean up after itself; else a future to wait for, after which
+        `granted` and `error` are final."""
         with self._mutex:
             if self._state == "waiting":
                 self._state = "abandoned"
-                self.key = key
                 with _ghosts_mutex:
-                    _ghosts.setdefault(key, set()).add(self)
-                return True
-            return False
-
-    def _close(self) -> None:
-        if self.error is None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        os.close(self._fd)
-
-    def close(self) -> None:
-        """Close the thread's ``dup``; the lock stays with the original fd."""
-        os.close(self._fd)
+                    _ghosts.setdefault(self.key, set()).add(self)
+                return None
+            if self._state == "committed":
+                self._loop = asyncio.get_running_loop()
+                self._finished = self._loop.create_future()
+                return self._finished
+            return None
 
 
 # Abandoned waiters by (device, inode) of their file; see `_Waiter`.
@@ -202,11 +349,6 @@ _ghosts_mutex = threading.Lock()
 #: How long a release waits for this process's ghosts of the file.  A ghost
 #: that is still blocked after that lost the lock to another process.
 GHOST_WAIT = 0.05
-
-
-def _file_key(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
 
 
 def _forget_ghost(waiter: _Waiter) -> None:
@@ -220,7 +362,8 @@ def _forget_ghost(waiter: _Waiter) -> None:
 
 
 def _ghosts_of(fd: int) -> list[_Waiter]:
-    """This process's ghosts waiting for ``fd``'s file (none: no syscall at all)."""
+    """This process's ghosts waiting for ``fd``'s file (none: no syscall at all).
+    In a worker thread: it may fstat ``fd``."""
     if not _ghosts:
         return []
     key = _file_key(fd)
@@ -234,11 +377,39 @@ def _wait_out_ghosts(ghosts: list[_Waiter]) -> None:
         ghost.gone.wait(max(0.0, deadline - time.monotonic()))
 
 
-async def settle_ghosts(ghosts: list[_Waiter]) -> None:
-    """After an unlock: let this process's ghosts of the file take and drop
-    the lock (they need the GIL, which a loop that never awaits would keep)."""
-    if ghosts:
-        await run_sync(_wait_out_ghosts, ghosts, abandon_on_cancel=True)
+def _unlock_releasing_ghosts(fd: int) -> None:
+    """Unlock ``fd``, then let this process's ghosts of the file take and
+    drop the lock (they need the GIL, which a loop that never awaits would
+    keep), so that the lock is free when this returns."""
+    ghosts = _ghosts_of(fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    _wait_out_ghosts(ghosts)
+
+
+async def _await_grant(waiter: _Waiter) -> None:
+    """Run ``waiter`` in its thread until it has finished with its descriptors.
+
+    If the task is cancelled meanwhile, the wait is abandoned (the thread goes
+    on as a ghost) or, if the grant is being committed, waited out; then the
+    cancellation propagates and ``waiter.granted`` says whether the caller
+    owns a lock it must give back or hand over.
+    """
+    try:
+        await run_wait(waiter.run)
+    except BaseException:
+        finished = waiter.abandon()
+        if finished is not None:
+            await _shielded(finished)
+        raise
+
+
+def _dup_with_key(fd: int) -> tuple[int, tuple[int, int]]:
+    dup = os.dup(fd)
+    try:
+        return dup, _file_key(fd)
+    except BaseException:
+        os.close(dup)
+        raise
 
 
 async def _wait_for_lock(fd: int, kind: int) -> OSError | None:
@@ -248,15 +419,14 @@ async def _wait_for_lock(fd: int, kind: int) -> OSError | None:
     held through ``fd``'s open file description by this call once the holder
     lets go (see `_Waiter`); the caller still owns ``fd`` and closes it.
     """
-    waiter = _Waiter(os.dup(fd), kind)
+    dup, key = await run_sync(_dup_with_key, fd, undo=lambda made: os.close(made[0]))
+    waiter = _Waiter(dup, kind, key)
     try:
-        await run_wait(waiter.run)
+        await _await_grant(waiter)
     except BaseException:
-        if not waiter.abandon():
-            # Granted just as we were cancelled: release through our dup.
-            waiter._close()
+        if waiter.granted:
+            await run_sync(fcntl.flock, fd, fcntl.LOCK_UN, shield=True)
         raise
-    waiter.close()
     return waiter.error
 
 
@@ -281,14 +451,56 @@ def _turnstile(key: tuple[int, int]) -> asyncio.Lock:
 # --------------------------------------------------------------------------
 # lock() / unlock()
 
+# Opening /proc/self/fd/N opens the file anew: a new open file description.
+# O_NONBLOCK keeps a FIFO from blocking the open; regular files ignore it.
+_REOPEN_FLAGS = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def _reopen(fd: int) -> int:
+    """A new open file description of ``fd``'s file, for a waiting thread."""
+    proc = f"/proc/self/fd/{fd}"
+    try:
+        return os.open(proc, os.O_RDONLY | _REOPEN_FLAGS)
+    except PermissionError:  # a write-only file: flock works on any access mode
+        return os.open(proc, os.O_WRONLY | _REOPEN_FLAGS)
+
+
+def _try_lock(fd: int, kind: int, wait: bool) -> OSError | _Waiter | None:
+    """`lock`'s one hop: try; if the file is held elsewhere and the caller
+    waits, prepare the waiting thread's descriptors (see the module docstring)."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in _WOULD_BLOCK or not wait:
+            return exc
+    else:
+        return None
+    target, key = _dup_with_key(fd)
+    try:
+        own = _reopen(fd)
+    except BaseException:
+        os.close(target)
+        raise
+    return _Waiter(own, kind, key, target=target)
+
+
+def _undo_try_lock(outcome: OSError | _Waiter | None, fd: int) -> None:
+    """The task that called `lock` was cancelled: it takes nothing."""
+    if outcome is None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    elif isinstance(outcome, _Waiter):  # never started: close what it would own
+        _close_quietly(outcome._fd)
+        _close_quietly(outcome._target)
+
 
 async def lock(file: FileArgument, flags: int) -> None:
     """Lock ``file`` (an aiofiles handle, a file object or an fd) with ``flags``.
 
     With `LOCK_NB` a lock held elsewhere raises `AlreadyLocked` at once;
     without it the call waits, event-driven, for as long as it takes.  If the
-    waiting task is cancelled, the wait is abandoned cleanly: no lock is taken
-    on ``file`` once the other holder lets go.
+    task is cancelled (or a timeout around the call fires), ``file`` is left
+    unlocked, and no lock is taken on it once the other holder lets go:
+    calling `lock` again on the same file at once is fine.
 
     Example:
         ```python
@@ -304,26 +516,28 @@ async def lock(file: FileArgument, flags: int) -> None:
     fd, label = _describe(file)
     path = getattr(file, "name", None)
     path = path if isinstance(path, str) else None
+    wait = not int(flags) & LOCK_NB
 
-    def try_once() -> OSError | None:
+    outcome = await run_sync(_try_lock, fd, kind, wait, undo=lambda made: _undo_try_lock(made, fd))
+    if isinstance(outcome, _Waiter):
+        waiter = outcome
         try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-        except OSError as exc:
-            return exc
-        return None
-
-    error = await run_sync(try_once)
-    if error is not None and error.errno in _WOULD_BLOCK and not int(flags) & LOCK_NB:
-        error = await _wait_for_lock(fd, kind)
-    if error is not None:
-        raise _lock_error(error, label, path) from error
+            await _await_grant(waiter)
+        except BaseException:
+            if waiter.granted:
+                await run_sync(fcntl.flock, fd, fcntl.LOCK_UN, shield=True)
+            raise
+        outcome = waiter.error
+    if outcome is not None:
+        raise _lock_error(outcome, label, path) from outcome
 
 
 async def unlock(file: FileArgument) -> None:
     """Release a lock taken with `lock` (or by anyone through the same open file).
 
     Buffered data written through ``file`` is flushed first, so the next
-    holder sees it.
+    holder sees it.  The unlock happens even if the task is cancelled
+    meanwhile (the cancellation is delivered once it is done).
 
     Example:
         ```python
@@ -337,14 +551,14 @@ async def unlock(file: FileArgument) -> None:
     flush = getattr(sync_file, "flush", None)
 
     def release() -> None:
-        if flush is not None:
-            flush()
-        ghosts = _ghosts_of(fd)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        _wait_out_ghosts(ghosts)  # see `_Waiter`
+        try:
+            if flush is not None:
+                flush()
+        finally:
+            _unlock_releasing_ghosts(fd)  # see `_Waiter`
 
     try:
-        await run_sync(release)
+        await run_sync(release, shield=True)
     except OSError as exc:
         raise LockException(f"cannot unlock {label}: {exc.strerror}", path=None) from exc
 
@@ -356,82 +570,77 @@ async def unlock(file: FileArgument) -> None:
 class _Acquisition:
     """The file a `Lock` opened for one acquire, and whether it got the lock.
 
-    Filled in by a worker thread; if the acquiring task is cancelled, the
-    task calls `discard` and nothing it opened or locked survives.
+    Filled in by a worker thread.  Nobody but this acquisition (and its
+    waiting thread) ever uses the file's open description, so closing the
+    file gives back the lock it may hold.
     """
 
-    __slots__ = ("file", "key", "locked")
+    __slots__ = ("dup", "file", "key", "locked", "truncated")
 
     def __init__(self) -> None:
         self.file: IO[Any] | None = None
+        self.dup: int | None = None  # for the waiting thread, which then owns it
         self.key: tuple[int, int] = (0, 0)
         self.locked = False
+        self.truncated = False
 
-    def open_and_try(self, filename: str, mode: str, kind: int) -> None:
+    def open_and_try(self, filename: str, mode: str, kind: int, truncate: bool, fail: bool) -> None:
+        """The acquire's one hop: open, try, and truncate if locked (mode "w")."""
         # O_CREAT without O_TRUNC: mode "w" was mapped to "a", and truncation
-        # waits until the lock is held and the handle is handed out.
+        # waits until the lock is held.
         file = open(filename, mode)  # noqa: SIM115 - ownership passes to the Lock
-        self.file = file
-        st = os.fstat(file.fileno())
-        self.key = (st.st_dev, st.st_ino)
         try:
-            fcntl.flock(file.fileno(), kind | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in _WOULD_BLOCK:
-                raise
-        else:
-            self.locked = True
+            fd = file.fileno()
+            self.key = _file_key(fd)
+            try:
+                fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in _WOULD_BLOCK:
+                    raise
+                if fail:
+                    file.close()  # fail_when_locked: nothing to keep
+                    return
+                self.dup = os.dup(fd)
+            else:
+                self.locked = True
+                if truncate and not caller_cancelled():
+                    file.truncate(0)
+                    self.truncated = True
+        except BaseException:
+            file.close()
+            raise
+        self.file = file
+
+    def undo(self, _: None) -> None:
+        """The acquiring task is gone (in a worker thread): close, unless the
+        file was truncated already; then the handle is handed over (module
+        docstring)."""
+        if not self.truncated:
+            self.discard()
+
+    def truncate(self, fd: int) -> None:
+        """Mode "w", in the waiting thread once the lock is granted."""
+        os.ftruncate(fd, 0)
+        self.truncated = True
 
     def discard(self) -> None:
-        """Unlock and close what this acquisition opened (fd calls only)."""
+        """Close what this acquisition opened (in a worker thread)."""
+        dup, self.dup = self.dup, None
         file, self.file = self.file, None
-        if file is None:
-            return
-        if self.locked:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
-            self.locked = False
-        # Nothing was written, so closing only closes the descriptor.
-        file.close()
-
-
-class _WriteTracking:
-    """Marks the handle dirty on write, so release knows whether to flush.
-
-    An unwritten handle is released without a thread hop (unlock and close
-    are fd calls that never wait on the disk); a written one is flushed in a
-    worker thread before it is unlocked, so the next holder sees the data.
-    """
-
-    _atempstore_dirty = False
-
-    async def write(self, data: Any, /) -> int:
-        self._atempstore_dirty = True
-        written: int = await super().write(data)  # type: ignore[misc]
-        return written
-
-    async def writelines(self, lines: Any, /) -> None:
-        self._atempstore_dirty = True
-        await super().writelines(lines)  # type: ignore[misc]
-
-    async def truncate(self, size: int | None = None, /) -> int:
-        self._atempstore_dirty = True
-        result: int = await super().truncate(size)  # type: ignore[misc]
-        return result
-
-
-class _LockedText(_WriteTracking, AsyncTextIOWrapper):
-    pass
-
-
-class _LockedBinary(_WriteTracking, AsyncBufferedIOBase):
-    pass
+        self.locked = False
+        try:
+            _close_quietly(dup)
+        finally:
+            if file is not None:
+                file.close()  # nothing was written: this only closes the fd
 
 
 def _wrap_locked(file: IO[Any]) -> AsyncFile:
     sync_file: Any = file  # the stubs want TextIO/BinaryIO; io classes are those at runtime
-    if isinstance(sync_file, io.TextIOBase):
-        return _LockedText(sync_file, loop=None, executor=None)  # type: ignore[arg-type]
-    return _LockedBinary(sync_file, loop=None, executor=None)
+    text = isinstance(sync_file, io.TextIOBase)  # (a bool: mypy narrows Any to the stub-less class)
+    if text:
+        return AsyncTextIOWrapper(sync_file, loop=None, executor=None)
+    return AsyncBufferedIOBase(sync_file, loop=None, executor=None)
 
 
 #: Open modes that give a text handle (`Lock` mode ``"w"`` opens as ``"a"``).
@@ -589,11 +798,6 @@ class Lock(Generic[H]):
         except BaseException:
             mutex.release()
             raise
-        if self._truncate:
-            # Here and not in the worker thread: from this line to the return
-            # there is no await, so a cancelled or timed-out acquire can never
-            # have truncated the file.  ftruncate is an fd call.
-            file.truncate(0)
         handle: H = _wrap_locked(file)  # type: ignore[assignment]  # H follows the mode
         self._handle = handle
         self._owner = current
@@ -604,31 +808,61 @@ class Lock(Generic[H]):
     ) -> IO[Any]:
         attempt = _Acquisition()
         try:
-            await run_sync(attempt.open_and_try, self.filename, self._open_mode, self._kind)
+            await run_sync(
+                attempt.open_and_try,
+                self.filename,
+                self._open_mode,
+                self._kind,
+                self._truncate,
+                fail,
+                undo=attempt.undo,
+            )
             if not attempt.locked:
                 if fail:
                     raise AlreadyLocked(
                         f"{self.filename!r} is locked by another holder", path=self.filename
                     )
                 await self._wait(attempt, deadline, waited)
+        except asyncio.CancelledError:
+            if attempt.truncated:
+                # Committed: the truncation cannot be undone, so the handle is
+                # returned and the cancellation comes at the next await.
+                _defer_cancellation()
+                assert attempt.file is not None
+                return attempt.file
+            await self._discard(attempt)
+            raise
         except BaseException:
-            attempt.discard()
+            await self._discard(attempt)
             raise
         assert attempt.file is not None
         return attempt.file
 
+    @staticmethod
+    async def _discard(attempt: _Acquisition) -> None:
+        if attempt.file is not None or attempt.dup is not None:
+            await run_sync(attempt.discard, shield=True)
+
     async def _wait(
         self, attempt: _Acquisition, deadline: float | None, waited: float | None
     ) -> None:
-        assert attempt.file is not None
-        fd = attempt.file.fileno()
         with anyio.move_on_after(_remaining(deadline)):
             async with _turnstile(attempt.key):
-                error = await _wait_for_lock(fd, self._kind)
-                if error is not None:
+                dup, attempt.dup = attempt.dup, None  # the thread owns it now
+                assert dup is not None
+                waiter = _Waiter(
+                    dup, self._kind, attempt.key, then=attempt.truncate if self._truncate else None
+                )
+                try:
+                    await _await_grant(waiter)
+                finally:
+                    attempt.locked = waiter.granted
+                if waiter.error is not None:
+                    error = waiter.error
                     raise _lock_error(error, repr(self.filename), self.filename) from error
-                attempt.locked = True
                 return
+        if attempt.locked:
+            return  # granted as the timeout fired: acquired after all
         self._raise_timeout(waited)
 
     def _raise_timeout(self, timeout: float | None) -> None:
@@ -641,6 +875,10 @@ class Lock(Generic[H]):
 
     async def release(self) -> None:
         """Release the lock and close the handle; a second call does nothing.
+
+        The release happens even if the task is cancelled meanwhile (the
+        cancellation is delivered once it is done), so `held` is false when
+        this returns or raises.
 
         Example:
             ```python
@@ -655,17 +893,8 @@ class Lock(Generic[H]):
         self._owner = None
         file = underlying(handle)
         try:
-            if file.closed:
-                return  # the user closed it: closing released the lock
-            ghosts = _ghosts_of(file.fileno())
-            if getattr(handle, "_atempstore_dirty", False):
-                await run_sync(_flush_unlock_close, file)
-            else:
-                # No pending data: unlock and close are fd calls that do not
-                # wait on the disk, so the lock is handed over without a hop.
-                fcntl.flock(file.fileno(), fcntl.LOCK_UN)
-                file.close()
-            await settle_ghosts(ghosts)
+            if not file.closed:  # else the user closed it: closing released the lock
+                await run_sync(_release_file, file, shield=True)
         finally:
             mutex = self._mutex
             if mutex is not None and mutex.locked():
@@ -683,12 +912,15 @@ class Lock(Generic[H]):
         await self.release()
 
 
-def _flush_unlock_close(file: io.IOBase) -> None:
+def _release_file(file: io.IOBase) -> None:
+    """`Lock.release`'s one hop: flush what was written (so the next holder
+    sees it; no syscall if nothing was), unlock, close, and wait out this
+    process's ghosts of the file."""
     try:
         file.flush()
     finally:
         try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+            _unlock_releasing_ghosts(file.fileno())
         finally:
             file.close()
 
@@ -722,8 +954,23 @@ class _AtomicFile:
                 "open_atomic will not replace an existing file (pass overwrite=True)",
                 self.final,
             )
-        fd = create_exclusive(self.tmp, 0o666)  # umask applies, like a plain open()
-        return os.fdopen(fd, "wb" if binary else "w")
+        try:
+            existing: os.stat_result | None = os.stat(self.final)
+        except FileNotFoundError:  # (or a dangling symlink: replaced by a new file)
+            existing = None
+        # A new file gets 0666 & ~umask, like a plain open().  A replaced one
+        # keeps its mode and owner: created 0600, so the data written in the
+        # block is never more exposed than the target's (issue 11: a 0600
+        # file came back 0644).
+        fd = create_exclusive(self.tmp, 0o666 if existing is None else 0o600)
+        try:
+            if existing is not None:
+                _copy_owner_and_mode(fd, existing)
+            return os.fdopen(fd, "wb" if binary else "w")
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(self.tmp)
+            raise
 
     def publish(self, file: IO[Any], overwrite: bool, durable: bool) -> None:
         try:
@@ -756,6 +1003,22 @@ class _AtomicFile:
             file.close()
         finally:
             unlink_quietly(self.tmp)
+
+
+def _copy_owner_and_mode(fd: int, target: os.stat_result) -> None:
+    """Give the file ``fd`` the owner (where permitted) and mode of ``target``."""
+    mode = stat.S_IMODE(target.st_mode)
+    mine = os.fstat(fd)
+    if (mine.st_uid, mine.st_gid) != (target.st_uid, target.st_gid):
+        try:
+            os.fchown(fd, target.st_uid, target.st_gid)  # chown clears set-id bits: first
+        except PermissionError:
+            # Not root: keep at least the group if we are one of its members,
+            # and never hand out set-user/group-id bits on a file of ours.
+            mode &= ~(stat.S_ISUID | stat.S_ISGID)
+            with suppress(PermissionError):
+                os.fchown(fd, -1, target.st_gid)
+    os.fchmod(fd, mode)
 
 
 @overload
@@ -807,11 +1070,16 @@ async def _open_atomic(
     final: str, binary: bool, overwrite: bool, durable: bool
 ) -> AsyncIterator[Any]:
     atomic = _AtomicFile(final)
-    file = await run_sync(atomic.create, binary, overwrite)
+    # A cancelled caller never sees the file: undo removes it (issue 11: the
+    # fd and a hidden temp file leaked in 47 of 300 cancellations).
+    file = await run_sync(atomic.create, binary, overwrite, undo=atomic.abort)
     handle = wrap_file(file)
     try:
         yield handle
     except BaseException:
-        await run_sync(atomic.abort, file)
+        # shield: even in a cancelled scope (anyio cancels every await in it)
+        # the temporary file is removed.
+        await run_sync(atomic.abort, file, shield=True)
         raise
-    await run_sync(atomic.publish, file, overwrite, durable)
+    # The block ended cleanly: publish whole, even if a cancellation arrives now.
+    await run_sync(atomic.publish, file, overwrite, durable, shield=True)

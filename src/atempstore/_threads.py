@@ -54,7 +54,7 @@ from typing_extensions import TypeVarTuple, Unpack
 import anyio._backends._asyncio  # noqa: F401  # isort: skip
 import concurrent.futures.thread  # noqa: F401  # isort: skip
 
-__all__ = ("POOL_THREADS", "SLOW_THREADS", "run_sync", "run_wait")
+__all__ = ("POOL_THREADS", "SLOW_THREADS", "caller_cancelled", "run_sync", "run_wait")
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -224,10 +224,13 @@ class _Hop:
                 return None
             self._state = "running"
         error: BaseException | None = None
+        _running.hop = self
         try:
             self.result = self._context.run(self._func, *self._args)
         except BaseException as exc:
             error = exc
+        finally:
+            _running.hop = None
         with self._mutex:
             self._state = "failed" if error is not None else "finished"
             waiter = self._waiter
@@ -258,18 +261,39 @@ class _Hop:
             if self._state == "pending":
                 self._state = "dropped"
 
-    async def wait_out(self) -> bool:
+    async def wait_out(self, shield: bool = False) -> bool:
         """Return once the call has ended or can no longer start; True if it
-        finished before the caller gave up, so its result is the caller's to undo."""
+        finished before the caller gave up, so its result is the caller's to undo.
+
+        With ``shield`` a call that has not started yet is not dropped: it is
+        waited for like a running one."""
         with self._mutex:
-            if self._state == "pending":
+            if self._state == "pending" and not shield:
                 self._state = "dropped"
                 return False
-            if self._state != "running":
+            if self._state not in ("running", "pending"):
                 return self._state == "finished"
             waiter = self._waiter = self._loop.create_future()
         await _shielded(waiter)
         return False
+
+
+# The hop a worker thread is running, for `caller_cancelled`.
+_running = threading.local()
+
+
+def caller_cancelled() -> bool:
+    """In a call made through `run_sync`: has its caller been cancelled meanwhile?
+
+    The caller then waits for the call to end and will not see its result, so
+    a call about to do something that cannot be undone (truncate a file)
+    checks this first and skips it.  Outside such a call: False.
+    """
+    hop: _Hop | None = getattr(_running, "hop", None)
+    if hop is None:
+        return False
+    with hop._mutex:
+        return hop._waiter is not None
 
 
 def _call_soon(
@@ -313,6 +337,7 @@ async def run_sync(
     limiter: CapacityLimiter | None = None,
     undo: Callable[[T], object] | None = None,
     slow: bool = False,
+    shield: bool = False,
 ) -> T:
     """Run ``func(*args)`` in a worker thread and return its result.
 
@@ -324,12 +349,20 @@ async def run_sync(
     ``abandon_on_cancel=True``.  ``limiter`` caps how many calls sharing it run
     at once.  ``slow=True`` runs it on the slow pool (work that waits on a
     source, a copy or another process), never on a thread file work needs.
+    ``shield=True`` is for calls that must happen once asked for (a release,
+    a roll-back): a cancellation that arrives before the worker has started
+    the call does not drop it; it is delivered once the call has returned.
     The caller's context variables are visible to ``func``.
     """
     if limiter is not None:
         async with limiter:
             return await run_sync(
-                func, *args, abandon_on_cancel=abandon_on_cancel, undo=undo, slow=slow
+                func,
+                *args,
+                abandon_on_cancel=abandon_on_cancel,
+                undo=undo,
+                slow=slow,
+                shield=shield,
             )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -340,7 +373,7 @@ async def run_sync(
     except BaseException:
         if abandon_on_cancel:
             hop.drop()
-        elif await hop.wait_out() and undo is not None:
+        elif await hop.wait_out(shield) and undo is not None:
             await _shielded(_start_thread(loop, undo, hop.result))
         raise
 
