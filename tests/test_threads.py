@@ -14,9 +14,16 @@ from types import FrameType
 
 import pytest
 
-from atempstore._threads import POOL_THREADS, SLOW_THREADS, run_sync, run_wait
+from atempstore import _threads
+from atempstore._threads import POOL_THREADS, SLOW_THREADS, caller_cancelled, run_sync, run_wait
 
+from .cancelling import CancelPoint, cancel_points
 from .conftest import run_python
+
+
+async def started(event: threading.Event) -> None:
+    """Wait (off the loop) until a worker has reached ``event``."""
+    assert await asyncio.to_thread(event.wait, 5)
 
 
 async def test_result_and_error_come_back() -> None:
@@ -72,20 +79,25 @@ async def test_concurrent_calls_overlap_up_to_the_pool_size() -> None:
     running = peak = 0
     lock = threading.Lock()
     release = threading.Event()
+    full = threading.Event()
 
     def hold() -> None:
         nonlocal running, peak
         with lock:
             running += 1
             peak = max(peak, running)
+            if running == POOL_THREADS:
+                full.set()
         release.wait(5)
         with lock:
             running -= 1
 
     calls = asyncio.gather(*(run_sync(hold) for _ in range(POOL_THREADS + 8)))
-    while running < POOL_THREADS:
-        await asyncio.sleep(0.005)
-    await asyncio.sleep(0.1)  # time for a 33rd call to start, if it could
+    await started(full)
+    # No 33rd call can start: the pool has made its POOL_THREADS threads, and
+    # every one of them is inside a call (no sleep standing in for "by now").
+    pool = _threads._get_pool()
+    assert (pool._threads, pool._idle) == (POOL_THREADS, 0)
     assert peak == POOL_THREADS
     release.set()
     await calls
@@ -150,17 +162,20 @@ def test_work_handed_over_finishes_at_interpreter_exit(tmp_path: Path) -> None:
     target = tmp_path / "landed"
     result = run_python(
         """
-        import asyncio, sys, time
+        import asyncio, sys, threading, time
         from atempstore._threads import run_sync
 
+        running = threading.Event()
+
         def slow_write() -> None:
+            running.set()
             time.sleep(0.3)
             with open(sys.argv[1], "w") as file:
                 file.write("whole")
 
         loop = asyncio.new_event_loop()
         loop.create_task(run_sync(slow_write))
-        loop.run_until_complete(asyncio.sleep(0.05))  # the call is running now
+        loop.run_until_complete(asyncio.to_thread(running.wait, 5))  # the call is running
         print("exiting", flush=True)
         """,
         str(target),
@@ -179,15 +194,19 @@ async def test_context_variables_reach_the_thread() -> None:
 
 
 async def test_cancellation_waits_for_the_call_to_finish() -> None:
-    finished = threading.Event()
+    running, finish, finished = threading.Event(), threading.Event(), threading.Event()
 
     def slow() -> None:
-        time.sleep(0.2)
+        running.set()
+        finish.wait(5)
         finished.set()
 
     task = asyncio.ensure_future(run_sync(slow))
-    await asyncio.sleep(0.05)
+    await started(running)
     task.cancel()
+    await asyncio.sleep(0)  # the task has seen the cancellation...
+    assert not task.done()  # ...and waits for the call
+    finish.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     # The state change finished before the cancellation was delivered.
@@ -197,13 +216,18 @@ async def test_cancellation_waits_for_the_call_to_finish() -> None:
 async def test_undo_runs_when_cancelled_during_the_call() -> None:
     undone: list[str] = []
 
+    running, finish = threading.Event(), threading.Event()
+
     def claim() -> str:
-        time.sleep(0.2)
+        running.set()
+        finish.wait(5)
         return "token"
 
     task = asyncio.ensure_future(run_sync(claim, undo=undone.append))
-    await asyncio.sleep(0.05)
+    await started(running)
     task.cancel()
+    await asyncio.sleep(0)
+    finish.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert undone == ["token"]
@@ -214,8 +238,11 @@ async def test_a_failing_undo_is_reported_and_the_caller_still_gets_its_cancella
     reported: list[dict[str, object]] = []
     loop.set_exception_handler(lambda _loop, context: reported.append(context))
 
+    running, finish = threading.Event(), threading.Event()
+
     def claim() -> str:
-        time.sleep(0.2)
+        running.set()
+        finish.wait(5)
         return "token"
 
     def undo(_token: str) -> None:
@@ -223,11 +250,14 @@ async def test_a_failing_undo_is_reported_and_the_caller_still_gets_its_cancella
 
     try:
         task = asyncio.ensure_future(run_sync(claim, undo=undo))
-        await asyncio.sleep(0.05)
+        await started(running)
         task.cancel()
+        await asyncio.sleep(0)
+        finish.set()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 5)  # not a hang
-        await asyncio.sleep(0.01)  # the report is scheduled on the loop
+        # No wait for the report: the worker schedules it before the caller's
+        # wake-up, so it has run by the time the caller has resumed.
     finally:
         loop.set_exception_handler(None)
     [context] = reported
@@ -244,8 +274,15 @@ async def test_undo_runs_when_cancelled_after_the_call_returned() -> None:
         # The cancellation reaches the loop before the result does: the call
         # finished, but the caller will never see its result.
         assert task is not None
-        loop.call_soon_threadsafe(task.cancel)
-        time.sleep(0.01)
+        cancelled = threading.Event()
+
+        def cancel() -> None:
+            assert task is not None
+            task.cancel()
+            cancelled.set()
+
+        loop.call_soon_threadsafe(cancel)
+        assert cancelled.wait(5)
         return "token"
 
     task = asyncio.ensure_future(run_sync(claim, undo=undone.append))
@@ -261,13 +298,19 @@ async def test_no_undo_when_the_caller_gets_the_result() -> None:
 
 
 async def test_abandoning_a_read_returns_at_once() -> None:
-    task = asyncio.ensure_future(run_sync(time.sleep, 0.5, abandon_on_cancel=True))
-    await asyncio.sleep(0.02)
-    started = time.monotonic()
+    running, finish = threading.Event(), threading.Event()
+
+    def read() -> None:
+        running.set()
+        finish.wait(10)
+
+    task = asyncio.ensure_future(run_sync(read, abandon_on_cancel=True))
+    await started(running)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await task
-    assert time.monotonic() - started < 0.3
+        await asyncio.wait_for(task, 5)  # the call still runs: it was abandoned
+    assert not finish.is_set()
+    finish.set()
 
 
 async def test_run_wait_delivers_and_can_be_abandoned() -> None:
@@ -279,8 +322,14 @@ async def test_run_wait_delivers_and_can_be_abandoned() -> None:
         release.wait(5)
         ran_to_the_end.set()
 
-    task = asyncio.ensure_future(run_wait(blocked))
-    await asyncio.sleep(0.02)
+    waiting = threading.Event()
+
+    def blocked_and_said_so() -> None:
+        waiting.set()
+        blocked()
+
+    task = asyncio.ensure_future(run_wait(blocked_and_said_so))
+    await started(waiting)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task  # does not wait for the other party
@@ -310,3 +359,38 @@ async def test_a_forked_child_gets_a_working_pool() -> None:
     os.kill(pid, 9)
     os.waitpid(pid, 0)  # noqa: ASYNC222 - reaping a SIGKILLed child is immediate
     pytest.fail("the forked child's run_sync never ran")
+
+
+async def test_a_shielded_call_runs_even_if_cancelled_before_it_starts() -> None:
+    # A release or a roll-back must happen once asked for: in every phase the
+    # call ran exactly once, and the caller still got its cancellation.
+    async def prepare() -> list[int]:
+        return []
+
+    async def call(ran: list[int]) -> None:
+        await run_sync(ran.append, 1, shield=True)
+
+    async def check(ran: list[int], point: CancelPoint) -> None:
+        assert ran == [1], point
+
+    points = await cancel_points(prepare, call, check)
+    assert [p.phase for p in points] == ["before", "during", "after"]
+
+
+async def test_caller_cancelled_tells_a_call_its_caller_is_gone() -> None:
+    seen: list[bool] = []
+
+    async def prepare() -> list[bool]:
+        seen.clear()
+        return seen
+
+    async def call(seen: list[bool]) -> None:
+        await run_sync(lambda: seen.append(caller_cancelled()))
+
+    async def check(seen: list[bool], point: CancelPoint) -> None:
+        # Cancelled while the call ran: it knows; cancelled after: it did not.
+        assert seen == ({"before": [], "during": [True], "after": [False]}[point.phase]), point
+
+    await cancel_points(prepare, call, check)
+    assert seen == [False]  # not cancelled
+    assert caller_cancelled() is False  # outside a call
