@@ -869,6 +869,7 @@ class Run:
     gen: AsyncGenerator[Message, None] | None = None
     result: object = None
     completed: bool = False  # the call returned: it was not cancelled
+    checked: bool = False
     fds: int = 0
 
 
@@ -964,8 +965,14 @@ OPS = [
 @pytest.mark.parametrize("op", OPS)
 async def test_cancelled_anywhere_leaves_nothing_behind(tmp_path: Path, op: str) -> None:
     """Each public coroutine cancelled at each hop, before/during/after it runs."""
+    runs: list[Run] = []
 
     async def prepare() -> Run:
+        run = await prepare_run()
+        runs.append(run)
+        return run
+
+    async def prepare_run() -> Run:
         if op == "prepare":
             root = tmp_path / f"s{next(_runs)}" / "a" / "b"
             run = Run(FileStore(root), root)
@@ -1042,6 +1049,7 @@ async def test_cancelled_anywhere_leaves_nothing_behind(tmp_path: Path, op: str)
         run.completed = True
 
     async def check(run: Run, point: CancelPoint) -> None:
+        run.checked = True
         root, done = run.root, run.completed
         if op == "prepare":
             assert await fds_settle(run.fds) == run.fds, point
@@ -1130,6 +1138,11 @@ async def test_cancelled_anywhere_leaves_nothing_behind(tmp_path: Path, op: str)
 
     points = await cancel_points(prepare, call, check)
     assert points, "no hop was cancelled"
+    # The last run was not cancelled (it made no further hop): the same
+    # checks, for what a caller that got its result has.
+    [last] = [run for run in runs if not run.checked]
+    assert last.completed
+    await check(last, CancelPoint(len(points) // 3, "after"))
 
 
 # --------------------------------------------------------------------------
@@ -1360,3 +1373,18 @@ def test_the_loop_thread_makes_no_syscall_on_the_stores_fds(tmp_path: Path) -> N
     # And the tour did what it should have: the strace saw its worker threads' calls.
     assert any("inotify" in line and "read(" in line for line in lines)
     assert any(".consumers" in line and line.split()[1].startswith("close(") for line in lines)
+
+
+async def test_one_message_settled_twice_at_once(store: FileStore) -> None:
+    """A done() racing a release() of the same Message: one acts, the other
+    is refused before it touches anything."""
+    name = await store.deliver(b"x")
+    assert await store.claim(name)
+    message = store.message(name)
+    released, done = await asyncio.gather(message.release(), message.done(), return_exceptions=True)
+    assert released is None
+    assert isinstance(done, RuntimeError)
+    assert "being settled" in str(done)
+    assert message.state == "released"
+    assert names(await store.list("new")) == [name]
+    await store.aclose()

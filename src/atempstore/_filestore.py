@@ -245,9 +245,12 @@ def _close_off_loop(fd: int) -> None:
     except RuntimeError:
         _close_quietly(fd)
         return
-    threading.Thread(
-        target=_close_quietly, args=(fd,), name="atempstore close", daemon=True
-    ).start()
+    try:
+        threading.Thread(
+            target=_close_quietly, args=(fd,), name="atempstore close", daemon=True
+        ).start()
+    except RuntimeError:  # the interpreter is shutting down: no new threads
+        _close_quietly(fd)
 
 
 async def _run_to_end(func: Callable[[], object]) -> None:
