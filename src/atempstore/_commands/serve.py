@@ -1,6 +1,6 @@
 """`atempstore serve [DIR] [--cache CACHE_DIR] [--max-size 1G] [--host H] [--port P] [--demo]`.
 
-Serves the files under DIR over HTTP through a FileCache (see ``_serve.py``).
+Serves the files under DIR over HTTP through a FileCache (see ``_serve/``).
 ``--demo`` creates a directory of large files (under the system temp dir
 unless DIR is given), serves it and exercises it once; ``--exit-after``
 stops gracefully after that many seconds, so CI can run the README's command.

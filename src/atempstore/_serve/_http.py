@@ -1,0 +1,238 @@
+"""HTTP semantics for serving one file, as plain functions: no loop, no server.
+
+Everything here is a decision made from a request's method and headers and a
+file's size and mtime: the validators (ETag, Last-Modified), the conditional
+requests of RFC 9110 13.2.2 (304 / 412), one ``Range`` and ``If-Range``
+(206 / 416), the media type, and the status an `OSError` maps to.  They are
+apart from the app so that they can be tested on their own and so that the
+web layer of issue 13 (a ``CachedFileResponse`` a handler returns, SPEC §8)
+answers with exactly the same rules as ``atempstore serve``: it calls
+`answer` with what it knows of its file and sends what that says.
+
+Request headers are Starlette's `Headers` (case-insensitive, repeated fields
+kept); this module only reads them, so it imports Starlette for type checking
+only and works without the ``serve`` extra (``parse_size`` is used by the
+command line before the extra is checked).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import mimetypes
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
+__all__ = (
+    "Answer",
+    "Unsatisfiable",
+    "answer",
+    "error_status",
+    "etag",
+    "http_date",
+    "media_type",
+    "parse_range",
+    "parse_size",
+)
+
+
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", re.ASCII)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``"1G"`` -> 1073741824.  Units are binary (K, M, G, T; ``KiB``/``KB`` alike)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not a size: {text!r} (use a number of bytes or e.g. 512M, 1G, 1.5GiB)")
+    size = int(float(match[1]) * _UNITS[match[2].lower()])
+    if size <= 0:
+        raise ValueError(f"the size must be > 0, got {text!r}")
+    return size
+
+
+def media_type(name: str) -> str:
+    """The ``Content-Type`` for a file name (call it in a worker thread)."""
+    # mimetypes reads /etc/mime.types on first use: a file read, so never on the loop.
+    guessed = mimetypes.guess_type(name, strict=False)[0] or "application/octet-stream"
+    if guessed.startswith("text/"):
+        guessed += "; charset=utf-8"
+    return guessed
+
+
+def etag(size: int, mtime_ns: int) -> str:
+    """The strong validator of a file version."""
+    # The same as CachedFile.etag (a test holds them equal), computed here so
+    # that HEAD and 304 answers never start a copy.
+    return f'"{size:x}-{mtime_ns:x}"'
+
+
+def http_date(seconds: int) -> str:
+    """``Last-Modified`` form of a time in seconds since the epoch."""
+    return email.utils.formatdate(seconds, usegmt=True)
+
+
+def error_status(exc: OSError) -> tuple[int, str]:
+    """The status and reason an error reading the served tree answers with."""
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        return 404, "not found"
+    if isinstance(exc, PermissionError):
+        return 403, "permission denied"
+    if exc.errno == errno.ELOOP:
+        return 403, "a symlink appeared in the path"
+    if exc.errno == errno.ENAMETOOLONG:
+        return 414, "name too long"
+    return 500, f"cannot read it: {exc.strerror or exc}"
+
+
+class Unsatisfiable(Exception):
+    """The Range lies wholly past the end of the file: 416."""
+
+
+_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII | re.IGNORECASE)
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` (stop exclusive) for one byte range, or None to send it all.
+
+    A missing, malformed or multi-range header is ignored (RFC 9110 lets a
+    server ignore Range; answering several ranges would need multipart
+    bodies).  A range that starts at or past the end raises `Unsatisfiable`.
+    """
+    if not value:
+        return None
+    match = _RANGE.fullmatch(value)
+    if match is None:
+        return None
+    first, last = match[1], match[2]
+    if not first:
+        if not last:
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise Unsatisfiable
+        return max(0, size - suffix), size
+    start = int(first)
+    if last and int(last) < start:
+        return None  # "bytes=9-3" is invalid: ignore it
+    if start >= size:
+        raise Unsatisfiable
+    return start, size if not last else min(int(last) + 1, size)
+
+
+def _field(headers: Headers, name: str) -> str | None:
+    values = headers.getlist(name)
+    # Repeated fields combine into one comma-separated list (RFC 9110 5.3).
+    return ", ".join(values) if values else None
+
+
+_TAG = re.compile(r'\s*(W/)?("[^"]*")\s*(?:,|$)')
+
+
+def _tags(value: str) -> tuple[bool, list[tuple[bool, str]]]:
+    """(is "*", [(weak, opaque-tag)]) of an If-Match / If-None-Match value."""
+    if value.strip() == "*":
+        return True, []
+    return False, [(bool(m[1]), m[2]) for m in _TAG.finditer(value)]
+
+
+def _date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None  # an invalid date is ignored (RFC 9110 13.1.3)
+    return parsed.timestamp() if parsed.tzinfo is not None else None
+
+
+def _preconditions(method: str, headers: Headers, tag: str, mtime: int) -> int | None:
+    """RFC 9110 13.2.2, in its order: 412, 304, or None to go on.  ``mtime`` in seconds."""
+    if_match = _field(headers, "if-match")
+    if if_match is not None:
+        star, tags = _tags(if_match)
+        if not star and not any(not weak and other == tag for weak, other in tags):
+            return 412
+    else:
+        since = _date(_field(headers, "if-unmodified-since"))
+        if since is not None and mtime > since:
+            return 412
+    if_none_match = _field(headers, "if-none-match")
+    if if_none_match is not None:
+        star, tags = _tags(if_none_match)
+        # Weak comparison: W/"x" matches "x".
+        if star or any(other == tag for _, other in tags):
+            return 304 if method in ("GET", "HEAD") else 412
+    elif method in ("GET", "HEAD"):
+        since = _date(_field(headers, "if-modified-since"))
+        if since is not None and mtime <= since:
+            return 304
+    return None
+
+
+def _range_applies(headers: Headers, tag: str, mtime: int) -> bool:
+    """If-Range: the range only if the client's copy is still current."""
+    if_range = _field(headers, "if-range")
+    if if_range is None:
+        return True
+    if_range = if_range.strip()
+    if if_range.startswith(('"', "W/")):
+        return if_range == tag  # strong comparison only
+    return _date(if_range) == mtime
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send for a request of one file version.
+
+    ``span`` is the ``[start, stop)`` of the file to send as the body, None
+    for no bytes of the file (HEAD, 304, an error).  ``reason`` is set for an
+    error answer (412, 416): its body is that reason as plain text.
+    """
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    span: tuple[int, int] | None = None
+    reason: str = ""
+
+
+def answer(method: str, headers: Headers, *, size: int, mtime_ns: int, media: str) -> Answer:
+    """The answer to ``method`` with request ``headers`` for a file of ``size`` bytes.
+
+    ``media`` is its `media_type`.  The status is 304 or 412 when a
+    precondition decides, 416 for a range past the end (unless ``If-Range``
+    says the client's copy is stale), 206 for one satisfiable range, else 200.
+    """
+    tag = etag(size, mtime_ns)
+    mtime = mtime_ns // 1_000_000_000
+    validators = (("etag", tag), ("last-modified", http_date(mtime)))
+    verdict = _preconditions(method, headers, tag, mtime)
+    if verdict == 304:
+        return Answer(304, validators)
+    if verdict == 412:
+        return Answer(412, (), reason="precondition failed")
+    try:
+        span = parse_range(_field(headers, "range"), size)
+    except Unsatisfiable:
+        span = None
+        if _range_applies(headers, tag, mtime):
+            return Answer(
+                416, (("content-range", f"bytes */{size}"),), reason="range not satisfiable"
+            )
+    if span is not None and not _range_applies(headers, tag, mtime):
+        span = None
+    start, stop = span if span is not None else (0, size)
+    fields = [
+        ("content-type", media),
+        ("content-length", str(stop - start)),
+        ("accept-ranges", "bytes"),
+        *validators,
+    ]
+    if span is not None:
+        fields.append(("content-range", f"bytes {start}-{stop - 1}/{size}"))
+    body = (start, stop) if method != "HEAD" and start < stop else None
+    return Answer(206 if span is not None else 200, tuple(fields), body)
