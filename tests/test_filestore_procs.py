@@ -120,9 +120,14 @@ print("ready", flush=True)
 for line in sys.stdin:
     command, _, arg = line.strip().partition(" ")
     if command == "start":
+        # Blocked across the fork, so that a SIGTERM sent at once (a quit
+        # right after a restart) waits for the child's handler instead of
+        # killing it in the instant before it could block the signal itself.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if pid == 0:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
             code = 0
             try:
                 err = os.open(ERRORS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
