@@ -21,6 +21,8 @@ import pytest
 
 from atempstore import FileCache
 from atempstore._serve import FileServer, Unsatisfiable, parse_range, parse_size
+from atempstore._serve._demo import client as demo_client
+from atempstore._serve._http import answer
 
 from .conftest import REPO, require_tool, run_python
 
@@ -424,6 +426,44 @@ def test_parse_range() -> None:
     for bad in ("bytes=10-", "bytes=10-12", "bytes=-0"):
         with pytest.raises(Unsatisfiable):
             parse_range(bad, 10)
+
+
+def test_answer_is_decided_without_a_server() -> None:
+    from starlette.datastructures import Headers
+
+    def said(*fields: tuple[str, str], method: str = "GET") -> tuple[int, object, str]:
+        raw = [(k.encode(), v.encode()) for k, v in fields]
+        got = answer(method, Headers(raw=raw), size=10, mtime_ns=7 * 10**9, media="text/plain")
+        return got.status, got.span, got.reason
+
+    tag = '"a-1a13b8600"'
+    assert said() == (200, (0, 10), "")
+    assert said(method="HEAD") == (200, None, "")
+    assert said(("range", "bytes=2-4")) == (206, (2, 5), "")
+    assert said(("range", "bytes=10-")) == (416, None, "range not satisfiable")
+    # Repeated fields are one list (RFC 9110 5.3): the second If-None-Match matches.
+    assert said(("if-none-match", '"x"'), ("if-none-match", tag)) == (304, None, "")
+    assert said(("if-match", '"x"'), ("if-match", f"W/{tag}")) == (412, None, "precondition failed")
+    headers = dict(answer("GET", Headers(), size=0, mtime_ns=0, media="x/y").headers)
+    assert headers["content-length"] == "0"
+    assert headers["etag"] == '"0-0"'
+
+
+async def test_the_demo_client_without_httpx_sees_what_httpx_sees(server: FileServer) -> None:
+    """The demo falls back on a bare asyncio GET where httpx is not installed."""
+    asked = [
+        ("/big.bin", (("Range", "bytes=-100"),)),
+        ("/small.txt", ()),
+        ("/../outside.txt", ()),  # sent as written by both
+        ("/nope", ()),
+    ]
+    seen = []
+    for use_httpx in (True, False):
+        async with demo_client("127.0.0.1", server.port, use_httpx=use_httpx) as fetch:
+            replies = [await fetch(target, fields) for target, fields in asked]
+        seen.append([(r.status, r.length, r.sha256, r.headers.get("etag")) for r in replies])
+    assert seen[0] == seen[1]
+    assert [status for status, *_ in seen[0]] == [206, 200, 403, 404]
 
 
 def test_parse_size() -> None:
