@@ -608,18 +608,29 @@ async def test_public_coroutines_do_no_path_io_on_the_loop(
 
 async def _give_up(how: str, call: Awaitable[None]) -> None:
     if how == "move_on_after":
-        with anyio.move_on_after(0.1) as scope:
+        with anyio.move_on_after(0.3) as scope:
             await call
         assert scope.cancelled_caught
     elif how == "wait_for":
         with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(call, 0.1)
+            await asyncio.wait_for(call, 0.3)
     else:
         task = asyncio.ensure_future(call)
         assert await wait_until(lambda: _waiting_threads() >= 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def _hold_the_gil(seconds: float) -> None:
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(seconds * 5)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            pass
+    finally:
+        sys.setswitchinterval(switch)
 
 
 @pytest.mark.multiprocess
@@ -630,14 +641,25 @@ async def test_lock_again_after_a_given_up_wait_really_holds(tmp_path: Path, how
     # back; that must never drop the lock the retry on the same fd acquired
     # (it did in 5 of 5 trials when the thread unlocked a dup of the fd).
     path = tmp_path / "retry.lock"
+    with_ghost = 0
     for trial in range(5):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             with held_elsewhere(path) as child:
                 await _give_up(how, lock(fd, LOCK_EX))
+                ghosts = sum(len(g) for g in _locks._ghosts.values())
+                with_ghost += ghosts > 0
                 retry = asyncio.ensure_future(lock(fd, LOCK_EX))
-                assert await wait_until(lambda: _waiting_threads() >= 2)
+                # The retry's own thread waits too (a loaded machine may not
+                # have started the given-up call's thread before the timeout).
+                threads = 1 + ghosts
+                assert await wait_until(lambda: _waiting_threads() >= threads, timeout=10)  # noqa: B023 - awaited here, in this iteration
                 release_child(child)
+                # Keep the GIL from the waiting threads for a moment: the kernel
+                # wakes both and grants whatever it grants, and only then may
+                # the given-up one run its unlock (the order that lost the
+                # retry's lock every time).
+                _hold_the_gil(0.2)
                 await asyncio.wait_for(retry, 10)
             # The given-up thread has had its moment with the lock.
             assert await wait_until(lambda: not _locks._ghosts, timeout=5)
@@ -646,6 +668,7 @@ async def test_lock_again_after_a_given_up_wait_really_holds(tmp_path: Path, how
             assert not lock_is_held(path)
         finally:
             os.close(fd)
+    assert with_ghost, "no trial left a given-up thread behind: the test tested nothing"
 
 
 async def test_a_given_up_lock_call_on_a_shared_lock_leaves_the_fd_unlocked(
