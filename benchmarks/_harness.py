@@ -81,7 +81,11 @@ def _fmt(value: Any) -> str:
 
 
 def save(name: str, results: dict[str, Any]) -> Path:
-    """Save ``results`` with the run's context; returns the file written."""
+    """Save ``results`` with the run's context; returns the file written.
+
+    Only the latest run of each benchmark is kept: the older ``<name>-*.json``
+    files are removed (git history keeps them).
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     payload = {
@@ -95,5 +99,8 @@ def save(name: str, results: dict[str, Any]) -> Path:
     }
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    for older in RESULTS.glob(f"{name}-*.json"):
+        if older != path:
+            older.unlink()
     print(f"\nsaved {path.relative_to(RESULTS.parent.parent)}")
     return path
