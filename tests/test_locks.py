@@ -32,7 +32,7 @@ from atempstore import (
     Lock,
     LockException,
     LockTimeout,
-    _locks,
+    _flock,
     lock,
     open_atomic,
     unlock,
@@ -647,7 +647,7 @@ async def test_lock_again_after_a_given_up_wait_really_holds(tmp_path: Path, how
         try:
             with held_elsewhere(path) as child:
                 await _give_up(how, lock(fd, LOCK_EX))
-                ghosts = sum(len(g) for g in _locks._ghosts.values())
+                ghosts = sum(len(g) for g in _flock._ghosts.values())
                 with_ghost += ghosts > 0
                 retry = asyncio.ensure_future(lock(fd, LOCK_EX))
                 # The retry's own thread waits too (a loaded machine may not
@@ -662,7 +662,7 @@ async def test_lock_again_after_a_given_up_wait_really_holds(tmp_path: Path, how
                 _hold_the_gil(0.2)
                 await asyncio.wait_for(retry, 10)
             # The given-up thread has had its moment with the lock.
-            assert await wait_until(lambda: not _locks._ghosts, timeout=5)
+            assert await wait_until(lambda: not _flock._ghosts, timeout=5)
             assert lock_is_held(path), f"trial {trial}: lock() returned, the lock is gone"
             await unlock(fd)
             assert not lock_is_held(path)
@@ -683,7 +683,7 @@ async def test_a_given_up_lock_call_on_a_shared_lock_leaves_the_fd_unlocked(
         await lock(holder, LOCK_EX)
         await _give_up("move_on_after", lock(mine, LOCK_SH))
         await unlock(holder)
-        assert await wait_until(lambda: not _locks._ghosts)
+        assert await wait_until(lambda: not _flock._ghosts)
         assert not lock_is_held(path)
         await lock(mine, LOCK_SH | LOCK_NB)  # and it can be locked again at once
         await unlock(mine)
@@ -800,14 +800,14 @@ _holders: list[Scene] = []
 
 @pytest.fixture
 def release_holders_as_waits_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_run = _locks._Waiter.run
+    real_run = _flock.Waiter.run
 
-    def run(waiter: _locks._Waiter) -> None:
+    def run(waiter: _flock.Waiter) -> None:
         while _holders:
             _holders.pop().release_holder()
         real_run(waiter)
 
-    monkeypatch.setattr(_locks._Waiter, "run", run)
+    monkeypatch.setattr(_flock.Waiter, "run", run)
 
 
 async def _lock_fd(scene: Scene) -> None:
@@ -858,7 +858,7 @@ async def _check_lock_state(scene: Scene, point: CancelPoint) -> None:
     ours = scene.done or (scene.lock is not None and scene.lock.held)
     if scene.lock is not None:
         assert scene.lock.held == ours, point  # Lock.held tells the truth
-    assert await wait_until(lambda: not _locks._ghosts), point
+    assert await wait_until(lambda: not _flock._ghosts), point
     assert lock_is_held(scene.path) == ours, point
     if scene.extra.get("truncates"):
         # Mode "w": truncated exactly when the acquire handed the lock over.

@@ -402,7 +402,7 @@ async def run_wait(func: Callable[[], T]) -> T:
 
     The task can be cancelled at any time; the thread then runs on and its
     result is dropped, so ``func`` itself must clean up what it obtained after
-    the caller gave up (see ``_locks._Waiter``).  The result is delivered with
+    the caller gave up (see ``_flock.Waiter``).  The result is delivered with
     ``call_soon_threadsafe``: the waiting task wakes as soon as ``func``
     returns, with no polling interval in between.
     """
