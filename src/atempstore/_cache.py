@@ -67,7 +67,7 @@ from ._copysession import (
 )
 from ._durable import makedirs, temp_name, unlink_quietly
 from ._errors import SourceChangedError
-from ._locks import try_lock_exclusive
+from ._flock import try_lock_exclusive
 from ._threads import run_sync
 
 

@@ -65,7 +65,7 @@ from anyio import CapacityLimiter
 
 from ._durable import fsync_dir, start_writeback
 from ._errors import SourceChangedError
-from ._locks import _wait_for_lock
+from ._flock import wait_for_lock as _wait_for_lock
 from ._threads import run_sync
 
 __all__ = ("CLOSE_TIMEOUT", "CopySession", "Doorbell", "Source", "finish")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._errors import InvalidNameError
-from .._locks import try_lock_exclusive
+from .._flock import try_lock_exclusive
 from .._paths import check_name, open_dir_nofollow, remove_at
 from ._base import choose_base, describe_error, lookup_username, open_userdir
 
