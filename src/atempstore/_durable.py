@@ -10,11 +10,13 @@ them in one worker-thread hop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import functools
 import os
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 __all__ = (
     "create_exclusive",
@@ -24,6 +26,7 @@ __all__ = (
     "publish_link",
     "publish_new_file",
     "publish_replace",
+    "rename_noreplace",
     "start_writeback",
     "temp_name",
     "unlink_quietly",
@@ -295,3 +298,44 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     func = _sync_file_range()
     if func is not None:
         func(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _load_renameat2() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        func = libc.renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28, or not Linux
+        return None
+    func.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    func.restype = ctypes.c_int
+    return func
+
+
+_renameat2 = _load_renameat2()
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, failing with `FileExistsError` if ``dst`` exists.
+
+    ``os.rename`` silently replaces its target, which would destroy a message
+    that happens to sit there.  ``renameat2(RENAME_NOREPLACE)`` checks and
+    renames atomically.  Where the kernel or filesystem lacks it, ``link``
+    then ``unlink`` gives the same no-replace guarantee; a crash between the
+    two leaves the file under both names, which at-least-once delivery allows.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE):
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS):  # unsupported here: fall back
+                raise OSError(err, os.strerror(err), src, None, dst)
+        else:
+            return
+    os.link(src, dst, follow_symlinks=False)
+    try:
+        os.unlink(src)
+    except FileNotFoundError:
+        # Someone else moved ``src`` meanwhile and won: take our link back.
+        unlink_quietly(dst)
+        raise
