@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import fresh_dir, median, percentile, print_table, save
 
 from atempstore import FileStore
-from atempstore._filestore import _maildir_name
+from atempstore._filestore._names import maildir_name as _maildir_name
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 DATA = os.urandom(1024)

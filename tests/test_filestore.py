@@ -30,7 +30,7 @@ import pytest
 from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from atempstore import AtempstoreError, FileStore, InvalidNameError, Message
-from atempstore._filestore import rename_noreplace
+from atempstore._durable import rename_noreplace
 from atempstore.cli import main as cli_main
 
 from .cancelling import CancelPoint, cancel_points
