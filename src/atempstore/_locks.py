@@ -5,11 +5,12 @@ what a cancellation or a timeout means for each of them.  The lock itself is
 `_flock`'s (the primitive every component waits on: the try, the waiting
 thread, its ghosts, the turnstile); what each hop does in its worker thread
 is `_lockcore`'s; `open_atomic` lives with the durable primitives in
-`_atomic` and is re-exported here so that ``from atempstore._locks import``
-keeps working.  A second lock backend (``RedisLock``, SPEC §10) reuses the
-facade's ideas: a per-object FIFO mutex in front of the backend, a deadline
-rather than a poll (`_remaining`), and a result that must be handed over
-despite a cancellation (`_defer_cancellation`).
+`_atomic` and is re-exported here with the other names of §1, which is where
+the package's ``__init__`` imports it from.  A second lock backend
+(``RedisLock``, SPEC §10) reuses the facade's ideas: a per-object FIFO mutex
+in front of the backend, a deadline rather than a poll (`_remaining`), and a
+result that must be handed over despite a cancellation
+(`_defer_cancellation`).
 
 Never on the loop.  Every syscall on a lock file or a user's descriptor
 (``open``, ``fstat``, ``flock``, ``ftruncate``, ``close``) runs in a worker
