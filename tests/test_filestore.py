@@ -31,6 +31,18 @@ from aiofiles.threadpool.text import AsyncTextIOWrapper
 
 from atempstore import AtempstoreError, FileStore, InvalidNameError, Message
 from atempstore._durable import rename_noreplace
+from atempstore._filestore._names import (
+    Layout,
+    claimed_name,
+    maildir_name,
+    order_key,
+    parse_claimed,
+    sorted_names,
+)
+from atempstore._filestore._owners import Owner
+from atempstore._filestore._queue import QueueCore
+from atempstore._filestore._store import StoreCore, open_flags, read_file
+from atempstore._filestore._watcher import Backlog, Watcher
 from atempstore.cli import main as cli_main
 
 from .cancelling import CancelPoint, cancel_points
@@ -1388,3 +1400,111 @@ async def test_one_message_settled_twice_at_once(store: FileStore) -> None:
     assert message.state == "released"
     assert names(await store.list("new")) == [name]
     await store.aclose()
+
+
+# --------------------------------------------------------------------------
+# The blocking cores, without an event loop: FileStore is a facade over them
+
+
+def test_names_and_order_without_a_loop(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    first, second = maildir_name(1000.25), maildir_name(1000.25)
+    assert first != second
+    keys = [order_key(name, "") for name in (second, first)]
+    assert sorted(key for key in keys if key is not None) == keys[::-1]  # the counter decides
+    owner = "0123456789abcdef"
+    assert parse_claimed(claimed_name(first, owner)) == (first, owner)
+    assert parse_claimed("plain~name") is None
+    layout = Layout(str(tmp_path))
+    assert layout.path("a", "cur") == str(tmp_path / "cur" / "a")
+    with pytest.raises(ValueError, match="unknown area"):
+        layout.area("failed")
+    with pytest.raises(InvalidNameError):
+        layout.path("../a", "new")
+    # A claimed older message sorts before a newer one; hidden entries never show.
+    for entry in (second, claimed_name(first, owner), ".lock.tmp"):
+        (tmp_path / entry).write_bytes(b"")
+    assert sorted_names(str(tmp_path)) == [claimed_name(first, owner), second]
+
+
+def test_store_core_without_a_loop(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    layout = Layout(str(tmp_path / "spool"))
+    core = StoreCore(layout)
+    core.prepare()
+    core.prepare()
+    tmp, new, cur = (layout.path("a", area) for area in ("tmp", "new", "cur"))
+    file, created = core.create(tmp, *open_flags("w"))
+    assert created
+    assert file.name == tmp
+    file.write("hello")
+    file.close()
+    StoreCore.move(tmp, new, True)
+    assert names(StoreCore.listing(layout.area("new"))) == ["a"]
+    copied = StoreCore.copy(new, cur, True)
+    with pytest.raises(FileExistsError):
+        StoreCore.copy(new, cur, True)
+    assert read_file(cur) == b"hello"
+    StoreCore.uncopy(cur, copied, True)
+    assert not os.path.lexists(cur)
+    # The roll-back of a create removes only a file the create made.
+    StoreCore.uncreate(core.create(tmp, *open_flags("wb")))
+    assert not os.path.lexists(tmp)
+    Path(tmp).write_text("kept")
+    StoreCore.uncreate(core.create(tmp, *open_flags("a")))
+    assert Path(tmp).read_text() == "kept"
+    os.utime(tmp, (1, 1))
+    assert core.clean_tmp(time.time()) == [Path(tmp)]
+
+
+def test_queue_core_without_a_loop(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()
+    layout = Layout(str(tmp_path / "spool"))
+    StoreCore(layout).prepare()
+    dying, survivor = QueueCore(layout), QueueCore(layout)
+    older, newer = maildir_name(1000.0), maildir_name(2000.0)
+    assert survivor.deliver(newer, b"two", True) == newer
+    assert survivor.deliver(older, b"one", True) == older
+
+    got = dying.claim(older)
+    assert got is not None
+    claimed, owner = got
+    assert claimed == claimed_name(older, owner.id)
+    assert survivor.claim(older) is None  # exactly one claimer wins
+    message = dying.adopt(older, claimed, owner)
+    assert read_file(str(message.path)) == b"one"
+    assert lock_is_held(layout.lock_path(owner.id))
+    assert survivor.status(time.time()).live_claims == 1
+
+    # Its lock let go without giving anything back: as when its process dies.
+    dying.owners.let_go(owner, unlink=False)
+    status = survivor.status(time.time())
+    assert (status.counts, status.dead_claims) == ({"tmp": 0, "new": 1, "cur": 1}, [older])
+    assert survivor.recover() == [older]
+    assert not os.path.lexists(layout.lock_path(owner.id))
+
+    # A consumer's next claim is the oldest; a roll-back gives it back.
+    watcher, backlog = Watcher.open(layout.dirs["new"], use_inotify=False), Backlog()
+    assert watcher.polling
+    taken = survivor.claim_next(watcher, backlog, True)
+    assert taken is not None
+    assert taken[0] == older
+    survivor.unclaim_next(taken)
+    taken = survivor.claim_next(watcher, backlog, True)
+    assert taken is not None
+    survivor.adopt(*taken)
+    survivor.undeliver(newer, True)
+    assert names(StoreCore.listing(layout.dirs["new"])) == []
+
+    # close() gives back what it holds, releases the lock, and says whom it let go.
+    held = dict(survivor.held)
+    closed: list[Owner] = []
+    survivor.close(held, closed)
+    QueueCore.closed(held, closed)
+    assert [m.state for m in held.values()] == ["closed"]
+    assert names(StoreCore.listing(layout.dirs["new"])) == [older]
+    assert survivor.owners.current is None
+    assert os.listdir(layout.consumers) == []
