@@ -131,39 +131,30 @@ _register_atexit: Callable[[Callable[[], object]], None] = getattr(
     threading, "_register_atexit", lambda func: None
 )
 
-_pool: _Pool | None = None
-_slow_pool: _Pool | None = None
+# The file pool (False) and the slow pool (True), each started on first use.
+_pools: dict[bool, _Pool] = {}
 _pool_lock = threading.Lock()
 
 
-def _get_pool() -> _Pool:
-    global _pool
-    pool = _pool
+def _get_pool(slow: bool = False) -> _Pool:
+    pool = _pools.get(slow)
     if pool is None:
         with _pool_lock:
-            if _pool is None:
-                _pool = _Pool(POOL_THREADS)
-            pool = _pool
-    return pool
-
-
-def _get_slow_pool() -> _Pool:
-    global _slow_pool
-    pool = _slow_pool
-    if pool is None:
-        with _pool_lock:
-            if _slow_pool is None:
-                _slow_pool = _Pool(SLOW_THREADS, daemon=True, name="atempstore slow")
-            pool = _slow_pool
+            pool = _pools.get(slow)
+            if pool is None:
+                if slow:
+                    pool = _Pool(SLOW_THREADS, daemon=True, name="atempstore slow")
+                else:
+                    pool = _Pool(POOL_THREADS)
+                _pools[slow] = pool
     return pool
 
 
 def _forget_pool_after_fork() -> None:
     # A forked child inherits the pools' bookkeeping but none of their
     # threads: work submitted there would wait forever.  Start afresh.
-    global _pool, _slow_pool, _pool_lock
-    _pool = None
-    _slow_pool = None
+    global _pool_lock
+    _pools.clear()
     _pool_lock = threading.Lock()
 
 
@@ -367,7 +358,7 @@ async def run_sync(
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
     hop = _Hop(loop, future, func, args, undo)
-    (_get_slow_pool() if slow else _get_pool()).submit(hop)
+    _get_pool(slow).submit(hop)
     try:
         return await future
     except BaseException:
