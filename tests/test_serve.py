@@ -24,7 +24,7 @@ from atempstore._serve import FileServer, Unsatisfiable, parse_range, parse_size
 from atempstore._serve._demo import client as demo_client
 from atempstore._serve._http import answer
 
-from .conftest import REPO, require_tool, run_python
+from .conftest import REPO, open_fds, require_tool, run_python
 
 MiB = 1 << 20
 BIG = 32 * MiB
@@ -348,7 +348,7 @@ async def test_one_log_line_per_request(
     assert len(lines) == 3, lines
     pattern = r"127\.0\.0\.1:\d+ GET {} {} {} B [0-9.]+ ms"
     assert re.match(pattern.format("/big.bin", 200, BIG), lines[0]), lines[0]
-    assert lines[0].endswith((" copy", " cache")), lines[0]
+    assert re.search(r' (copy|cache) "-" "python-httpx/[0-9.]+"$', lines[0]), lines[0]
     assert re.match(pattern.format("/big.bin", 206, 10), lines[1]), lines[1]
     assert re.match(pattern.format("/nope", 404, len(b"404 not found\n")), lines[2]), lines[2]
 
@@ -409,6 +409,162 @@ async def test_stop_closes_the_cache(tree: Tree) -> None:
         async with httpx.AsyncClient(base_url=server.url) as c:
             await c.get("/small.txt")
     await server.stop()  # a second stop does nothing
+
+
+# --------------------------------------------------------------------------
+# What real clients found (issue 13): names, routing, the access log
+
+
+async def test_names_that_are_not_utf8_are_listed_and_served(
+    tree: Tree, server: FileServer
+) -> None:
+    root = os.fsencode(tree.root)
+    name = b"caf\xe9 \xff.txt"  # latin-1 bytes: not UTF-8
+    with open(os.path.join(root, name), "wb") as f:
+        f.write(b"a latin-1 name\n")
+    os.mkdir(os.path.join(root, b"d\xe8r"))
+    with open(os.path.join(root, b"d\xe8r", b"in\xfe.bin"), "wb") as f:
+        f.write(b"inner\n")
+    status, page = await raw_request(server.port, "/")
+    assert status == 200, page
+    assert b'href="/caf%E9%20%FF.txt"' in page
+    assert b">caf\\xe9 \\xff.txt</a>" in page  # shown escaped, never as mojibake
+    assert b'href="/d%E8r/"' in page
+    for target in ("/caf%E9%20%FF.txt", "/caf%e9%20%ff.txt"):
+        assert await raw_request(server.port, target) == (200, b"a latin-1 name\n"), target
+    status, page = await raw_request(server.port, "/d%E8r/")
+    assert status == 200
+    assert b'href="/d%E8r/in%FE.bin"' in page
+    assert await raw_request(server.port, "/d%E8r/in%FE.bin") == (200, b"inner\n")
+    assert (await raw_request(server.port, "/d%E8r/in%FE.bin", "HEAD"))[0] == 200
+    # The same name in UTF-8 is another name.
+    assert (await raw_request(server.port, "/caf%C3%A9%20%FF.txt"))[0] == 404
+
+
+async def test_the_path_must_match_a_name_byte_for_byte(tree: Tree, server: FileServer) -> None:
+    for target in ("/small.txt%0A", "/small.txt%0a", "/small.txt%0D%0A", "/small.txt%20"):
+        assert (await raw_request(server.port, target))[0] == 404, target
+    (tree.root / "nl\n").write_bytes(b"a name ending in a newline\n")
+    assert await raw_request(server.port, "/nl%0A") == (200, b"a name ending in a newline\n")
+    assert (await raw_request(server.port, "/nl"))[0] == 404
+    assert await raw_request(server.port, "/small.txt") == (200, b"hello\n")
+
+
+async def test_an_absolute_form_target_is_served_as_its_path(
+    tree: Tree, server: FileServer
+) -> None:
+    here = f"http://127.0.0.1:{server.port}"
+    assert await raw_request(server.port, f"{here}/small.txt") == (200, b"hello\n")
+    assert await raw_request(server.port, "HTTP://t/sub/deep/file.txt") == (200, b"deep\n")
+    assert (await raw_request(server.port, f"{here}/"))[0] == 200
+    assert (await raw_request(server.port, f"{here}/nope"))[0] == 404
+    status, body = await raw_request(server.port, f"{here}/../outside.txt")
+    assert status == 403
+    assert SECRET not in body
+
+
+def access_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "atempstore.serve"]
+
+
+async def test_every_answer_gets_one_access_line_with_range_and_user_agent(
+    server: FileServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.serve")
+    agent = {"User-Agent": 'probe/1.0 (say "hi")'}
+    async with httpx.AsyncClient(base_url=server.url, headers=agent) as c:
+        assert (await c.get("/big.bin", headers={"Range": "bytes=0-9"})).status_code == 206
+        refused = await c.post("/small.txt")
+        assert refused.status_code == 405
+        assert refused.headers["allow"] == "GET, HEAD"
+        assert (await c.get("/nope")).status_code == 404
+        assert (await c.get("/sub")).status_code == 200
+    assert (await raw_request(server.port, "http://t/nope"))[0] == 404
+    lines = access_lines(caplog)
+    assert len(lines) == 5, lines
+    client_ = r"127\.0\.0\.1:\d+"
+    assert re.fullmatch(
+        client_ + r' GET /big\.bin 206 10 B [0-9.]+ ms (copy|follow|source) "bytes=0-9"'
+        r' "probe/1\.0 \(say \\"hi\\"\)"',
+        lines[0],
+    ), lines[0]
+    assert re.fullmatch(
+        client_ + r' POST /small\.txt 405 \d+ B [0-9.]+ ms - "-" "probe.*" \(method not allowed\)',
+        lines[1],
+    ), lines[1]
+    assert re.fullmatch(client_ + r" GET /nope 404 \d+ B .* \(not found\)", lines[2]), lines[2]
+    assert re.fullmatch(client_ + r' GET /sub 200 \d+ B [0-9.]+ ms - "-" "probe.*"', lines[3])
+    assert " GET http://t/nope 404 " in lines[4], lines[4]
+
+
+async def test_a_connection_without_a_complete_head_is_closed_after_the_header_timeout(
+    tree: Tree, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.serve")
+    timeout = 0.5
+    async with FileServer(tree.root, cache_dir=tree.cache, port=0, header_timeout=timeout) as s:
+        before = open_fds()
+        conns = [await asyncio.open_connection("127.0.0.1", s.port) for _ in range(50)]
+        for _, writer in conns:
+            writer.write(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n")  # half a head
+        began = time.monotonic()
+
+        async def closed_after(reader: asyncio.StreamReader) -> float:
+            assert await reader.read() == b""  # EOF: the server closed it, sending nothing
+            return time.monotonic() - began
+
+        took = await asyncio.wait_for(asyncio.gather(*(closed_after(r) for r, _ in conns)), 10)
+        assert min(took) > timeout * 0.8, took  # not before its time
+        # The server's 50 fds are closed (what is left open is ours, the clients').
+        deadline = time.monotonic() + 5
+        while open_fds() > before + 50:
+            assert time.monotonic() < deadline, (open_fds(), before)
+            await asyncio.sleep(0.02)
+        for _, writer in conns:
+            writer.close()
+        lines = [line for line in access_lines(caplog) if " 408 " in line]
+        assert len(lines) == 50, lines
+        assert "no complete request head within 0.5 s" in lines[0]
+
+        # A trickle does not push the deadline back: the head must be complete in time.
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        began = time.monotonic()
+        with pytest.raises((ConnectionError, BrokenPipeError)):
+            for byte in b"GET /small.txt HTTP/1.1\r\nHost: t\r\n" * 20:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+        assert time.monotonic() - began < 5
+        writer.close()
+
+        # Kept alive: a complete request is served, then the next head gets its deadline too.
+        reader, writer = await asyncio.open_connection("127.0.0.1", s.port)
+        for piece in (b"GET /small.txt HT", b"TP/1.1\r\nHost: t\r\n", b"\r\n"):
+            writer.write(piece)  # slow, but complete in time
+            await asyncio.sleep(timeout / 5)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert await reader.readexactly(6) == b"hello\n"
+        writer.write(b"GET /small.txt HTTP/1.1\r\n")
+        began = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        # Closed by the head deadline, not uvicorn's 5 s keep-alive (which the bytes stopped).
+        assert time.monotonic() - began < 3
+        writer.close()
+    assert open_fds() <= before
+
+
+async def test_a_malformed_head_gets_its_400_and_one_access_line(
+    server: FileServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 400 ")
+    assert [line for line in access_lines(caplog) if " 400 " in line] != []
+    assert [r for r in caplog.records if r.name.startswith("uvicorn")] == []
 
 
 # --------------------------------------------------------------------------
@@ -603,6 +759,9 @@ def test_stop_cuts_slow_downloads_after_the_grace(
     assert proc.returncode == 0, (out, err)
     assert got < BIG
     assert "cancelled (server stopping)" in out
+    # The stop is an expected event: one line, no traceback.
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) <= 1, err
     assert [p for p in os.listdir(tree.cache) if p.endswith((".part", ".tmp"))] == []
 
 
@@ -672,9 +831,10 @@ def test_file_changing_mid_download_cuts_the_connection_never_mixes_bytes(
                 got += chunk
     assert 0 < len(got) < BIG
     assert bytes(got) == tree.payload[: len(got)], "bytes of two versions were mixed"
-    out, _ = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
     assert "GET /big.bin 200" in out
     assert "(aborted: the source" in out
+    assert err == "", err  # the access line says it all: no traceback, no other line
     assert [p for p in os.listdir(tree.cache) if not p.startswith(".")] == []
 
 

@@ -8,6 +8,16 @@ picks one, and the port is known before uvicorn starts), the graceful stop
 cache so that copies still running are cancelled and their temporary files
 removed), and SIGINT/SIGTERM handled inside the event loop.  uvicorn is
 imported only when a server starts.
+
+The connections are uvicorn's own HTTP protocol (httptools where installed,
+else h11: whichever uvicorn's "auto" picks), subclassed for what uvicorn
+does not do or says too loudly (see `_protocol_class`): a connection that
+has not sent a complete request head within ``header_timeout`` seconds is
+closed (uvicorn waits for it forever: 50 such connections held 50 fds), a
+malformed head that uvicorn answers 400 gets an access-log line, and the
+expected events that the access line already tells (a response cut because
+its source changed, a download cancelled at the end of a graceful stop, a
+malformed head) are not logged a second time by uvicorn, with a traceback.
 """
 
 from __future__ import annotations
@@ -19,12 +29,13 @@ import math
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import FileCache
 from .._threads import run_sync
-from ._app import create_app
+from ._app import access_line, create_app, log
 from ._locate import check_dirs
 
 if TYPE_CHECKING:
@@ -46,6 +57,119 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+# uvicorn's words for events that our access line has already told.
+_TOLD = frozenset(
+    {
+        "ASGI callable returned without completing response.",  # a cut response
+        "Invalid HTTP request received.",  # our 400 line
+    }
+)
+
+
+class _AlreadyTold(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in _TOLD:
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        # A download cancelled when the grace ran out: its access line says
+        # "cancelled (server stopping)", and uvicorn said "Cancel N running task(s)".
+        return not isinstance(exc, asyncio.CancelledError)
+
+
+def _connection_logger() -> logging.Logger:
+    """``uvicorn.error`` less what is told already, for our connections only."""
+    parent = logging.getLogger("uvicorn.error")
+    # Outside the logger tree on purpose: a filter on uvicorn.error itself
+    # would also silence other servers of the process.
+    quiet = logging.Logger(parent.name, parent.getEffectiveLevel())
+    quiet.parent = parent
+    quiet.addFilter(_AlreadyTold())
+    return quiet
+
+
+def _protocol_class(header_timeout: float, access: logging.Logger) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol with a request-head deadline and our log lines.
+
+    The deadline is armed when a connection is made and again when a
+    response completes on a kept-alive connection with no next request
+    parsed yet; it is disarmed when a request head is complete, seen as the
+    protocol's ``cycle`` changing (both h11 and httptools make a new
+    ``RequestResponseCycle`` for each head, pipelined ones included).  Bytes
+    that trickle in do not push it back: the head has to be complete in time.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    base: Any = AutoHTTPProtocol
+
+    class _Protocol(base):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.logger = _connection_logger()
+            self._deadline: asyncio.TimerHandle | None = None
+            self._waiting_since = 0.0
+            self._waiting_bytes = 0
+            self._waiting_cycle: object = None
+
+        def _arm(self) -> None:
+            if header_timeout <= 0:
+                return
+            self._waiting_cycle = self.cycle
+            self._waiting_since = time.perf_counter()
+            self._waiting_bytes = 0
+            self._deadline = self.loop.call_later(header_timeout, self._head_too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _head_too_slow(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self._waiting_bytes:  # a connection that sent nothing made no request
+                self._log_refused(
+                    408,
+                    self._waiting_since,
+                    f"no complete request head within {header_timeout:g} s, closed",
+                )
+            self.transport.close()
+
+        def _log_refused(self, status: int, since: float, note: str) -> None:
+            scope = {"client": self.client}
+            took = time.perf_counter() - since
+            access.info(access_line(scope, status, 0, took, "", None, None, note))
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            self._waiting_bytes += len(data)
+            super().data_received(data)
+            if self._deadline is not None and self.cycle is not self._waiting_cycle:
+                self._disarm()  # a head is complete: its request is under way
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            cycle = self.cycle
+            idle = cycle is None or cycle.response_complete  # no next head parsed yet
+            if idle and self._deadline is None and not self.transport.is_closing():
+                self._arm()
+
+        def send_400_response(self, msg: str) -> None:
+            since = self._waiting_since if self._deadline is not None else time.perf_counter()
+            self._disarm()
+            self._log_refused(400, since, "invalid HTTP request")
+            super().send_400_response(msg)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return _Protocol
 
 
 def _make_server(config: uvicorn.Config, handle_signals: bool) -> uvicorn.Server:
@@ -91,7 +215,11 @@ class FileServer:
     graceful stop stops accepting, lets downloads in progress finish for up to
     ``grace`` seconds, cancels the rest, then closes the cache.  With
     ``handle_signals``, SIGINT and SIGTERM start that stop (a second SIGINT
-    stops waiting for downloads).
+    stops waiting for downloads).  A connection that has not sent a complete
+    request head ``header_timeout`` seconds after it was made (or after its
+    previous response) is closed; 0 waits forever.  ``sock`` is a socket
+    bound already (``--workers``: each worker serves the one its parent
+    bound), used instead of binding ``host:port``.
 
     Example:
         ```python
@@ -110,8 +238,10 @@ class FileServer:
         host: str = "127.0.0.1",
         port: int = 8000,
         grace: float = 5.0,
+        header_timeout: float = 10.0,
         handle_signals: bool = False,
         logger: logging.Logger | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.directory = os.fspath(directory)
         self.cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -119,8 +249,10 @@ class FileServer:
         self.host = host
         self.port = port
         self.grace = grace
+        self.header_timeout = header_timeout
         self.handle_signals = handle_signals
         self.logger = logger
+        self.sock = sock
         self.root = ""
         self._cache: FileCache | None = None
         self._server: uvicorn.Server | None = None
@@ -148,7 +280,9 @@ class FileServer:
         cache = FileCache(cache_dir, max_size=self.max_size)
         await cache.__aenter__()  # errors (a cache dir we cannot create) surface here
         try:
-            sock = await run_sync(_bind, self.host, self.port)
+            sock = (
+                self.sock if self.sock is not None else await run_sync(_bind, self.host, self.port)
+            )
         except BaseException:
             await cache.aclose()
             raise
@@ -157,6 +291,7 @@ class FileServer:
             app = create_app(self.root, cache=cache, logger=self.logger)
             config = uvicorn.Config(
                 app,
+                http=_protocol_class(self.header_timeout, self.logger or log),
                 lifespan="on",
                 log_config=None,
                 log_level="warning",
