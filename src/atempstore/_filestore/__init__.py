@@ -26,9 +26,9 @@ How the queue stays correct when processes die:
 * **Forking**: a child forgets its parent's owner at ``fork()`` and never
   gives back, settles or unlinks anything of the parent's.
 
-One concern per module, lowest first (each imports only those above it and
-the shared primitives ``_durable``, ``_paths``, ``_threads``, ``_handles`` and
-the lock primitive):
+One concern per module, lowest first; each imports only the modules above it
+and the shared primitives ``_durable``, ``_paths``, ``_threads``, ``_handles``
+and ``_flock`` (the lock primitive):
 
 * ``_names``: the layout's paths, maildir names, claimed names, oldest-first order;
 * ``_watcher``: the inotify watch and a consumer's backlog of names;

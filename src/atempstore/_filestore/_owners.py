@@ -29,7 +29,7 @@ import weakref
 from typing import Protocol
 
 from .._durable import rename_noreplace, unlink_quietly
-from .._locks import try_lock_exclusive
+from .._flock import try_lock_exclusive
 from ._names import DIR_MODE, FILE_FLAGS, LOCK_SUFFIX, Layout, parse_claimed, visible_names
 
 __all__ = (
