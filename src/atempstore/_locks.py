@@ -52,7 +52,6 @@ from aiofiles.threadpool.text import AsyncTextIOWrapper
 from ._atomic import open_atomic
 from ._errors import AlreadyLocked, LockException, LockTimeout
 from ._flock import Waiter, await_grant, await_grant_for, turnstile
-from ._flock import try_lock_exclusive as try_lock_exclusive  # transitional: the old import path
 from ._handles import AsyncFile, underlying
 from ._lockcore import (
     Acquisition,
