@@ -29,7 +29,7 @@ from ._locks import LOCK_SH as LOCK_SH
 from ._locks import LOCK_UN as LOCK_UN
 from ._locks import Lock as Lock
 from ._locks import lock as lock
-from ._locks import open_atomic as open_atomic
+from ._atomic import open_atomic as open_atomic
 from ._locks import unlock as unlock
 from ._session import SessionStorage as SessionStorage
 from ._session import SessionStorageRepository as SessionStorageRepository
