@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._atomic import open_atomic as open_atomic
 from ._cache import CachedFile as CachedFile
 from ._cache import FileCache as FileCache
 from ._cache import Source as Source
@@ -29,7 +30,6 @@ from ._locks import LOCK_SH as LOCK_SH
 from ._locks import LOCK_UN as LOCK_UN
 from ._locks import Lock as Lock
 from ._locks import lock as lock
-from ._atomic import open_atomic as open_atomic
 from ._locks import unlock as unlock
 from ._session import SessionStorage as SessionStorage
 from ._session import SessionStorageRepository as SessionStorageRepository
