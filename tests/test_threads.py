@@ -233,6 +233,34 @@ async def test_undo_runs_when_cancelled_during_the_call() -> None:
     assert undone == ["token"]
 
 
+async def test_a_shielded_call_failing_after_its_caller_was_cancelled_is_reported() -> None:
+    # A release or a roll-back (shield=True) that fails while its caller,
+    # cancelled, waits it out: the caller raises CancelledError, so the error
+    # goes to the loop's exception handler instead of being lost.
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    running, finish = threading.Event(), threading.Event()
+
+    def release() -> None:
+        running.set()
+        finish.wait(5)
+        raise OSError("EIO while releasing")
+
+    try:
+        task = asyncio.ensure_future(run_sync(release, shield=True))
+        await started(running)
+        task.cancel()
+        await asyncio.sleep(0)
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        loop.set_exception_handler(None)
+    [context] = reported
+    assert isinstance(context["exception"], OSError)
+
+
 async def test_a_failing_undo_is_reported_and_the_caller_still_gets_its_cancellation() -> None:
     loop = asyncio.get_running_loop()
     reported: list[dict[str, object]] = []

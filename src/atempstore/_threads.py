@@ -182,6 +182,7 @@ class _Hop:
         "_future",
         "_loop",
         "_mutex",
+        "_report",
         "_state",
         "_undo",
         "_waiter",
@@ -195,8 +196,11 @@ class _Hop:
         func: Callable[..., object],
         args: tuple[object, ...],
         undo: Callable[[Any], object] | None,
+        report: bool = False,
     ) -> None:
         self._loop = loop
+        # Report an error the cancelled caller will not see (shielded calls).
+        self._report = report
         self._future = future
         self._context = contextvars.copy_context()
         self._func = func
@@ -233,6 +237,14 @@ class _Hop:
             # (a FileStore whose lock fd then closes, say).
             outcome = [self._future, self.result, error]
             return partial(_call_soon, self._loop, _settle, outcome)
+        if error is not None and self._report and isinstance(error, Exception):
+            # A call that had to happen (a release, a roll-back) failed after
+            # its caller was cancelled: the caller raises CancelledError, so
+            # the error would be lost without this.
+            report = {"message": "atempstore: a call its caller could not wait for failed"}
+            _call_soon(
+                self._loop, self._loop.call_exception_handler, {**report, "exception": error}
+            )
         if error is None and self._undo is not None:
             try:
                 self._undo(self.result)  # the caller is gone: nobody else will
@@ -357,7 +369,7 @@ async def run_sync(
             )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
-    hop = _Hop(loop, future, func, args, undo)
+    hop = _Hop(loop, future, func, args, undo, report=shield)
     _get_pool(slow).submit(hop)
     try:
         return await future
