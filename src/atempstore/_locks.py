@@ -4,9 +4,8 @@ Owns the public names of SPEC §1 (the flags, `lock`, `unlock`, `Lock`) and
 what a cancellation or a timeout means for each of them.  The lock itself is
 `_flock`'s (the primitive every component waits on: the try, the waiting
 thread, its ghosts, the turnstile); what each hop does in its worker thread
-is `_lockcore`'s; `open_atomic` lives with the durable primitives in
-`_atomic` and is re-exported here with the other names of §1, which is where
-the package's ``__init__`` imports it from.  A second lock backend
+is `_lockcore`'s; `open_atomic`, the last name of §1, lives with the durable
+primitives in `_atomic` (it takes no lock).  A second lock backend
 (``RedisLock``, SPEC §10) reuses the facade's ideas: a per-object FIFO mutex
 in front of the backend, a deadline rather than a poll (`_remaining`), and a
 result that must be handed over despite a cancellation
@@ -49,7 +48,6 @@ import portalocker
 from aiofiles.threadpool.binary import AsyncBufferedIOBase
 from aiofiles.threadpool.text import AsyncTextIOWrapper
 
-from ._atomic import open_atomic
 from ._errors import AlreadyLocked, LockException, LockTimeout
 from ._flock import Waiter, await_grant, await_grant_for, turnstile
 from ._handles import AsyncFile, underlying
@@ -65,7 +63,7 @@ from ._lockcore import (
 )
 from ._threads import run_sync
 
-__all__ = ("LOCK_EX", "LOCK_NB", "LOCK_SH", "LOCK_UN", "Lock", "lock", "open_atomic", "unlock")
+__all__ = ("LOCK_EX", "LOCK_NB", "LOCK_SH", "LOCK_UN", "Lock", "lock", "unlock")
 
 #: Exclusive lock: one holder at a time.
 LOCK_EX = portalocker.LockFlags.EXCLUSIVE
