@@ -4,6 +4,9 @@ Serves the files under DIR over HTTP through a FileCache (see ``_serve/``).
 ``--demo`` creates a directory of large files (under the system temp dir
 unless DIR is given), serves it and exercises it once; ``--exit-after``
 stops gracefully after that many seconds, so CI can run the README's command.
+``--workers N`` (N > 1) runs N worker processes on one socket
+(``_serve/_workers``); each worker is this command again, with the hidden
+``--worker-fd`` naming the socket it inherited.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -86,13 +90,43 @@ def add_parser(commands: Any) -> None:
         metavar="SECONDS",
         help="on stop, how long downloads in progress may finish before they are cut (default 5)",
     )
+    parser.add_argument(
+        "--header-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="close a connection that has not sent a complete request head within SECONDS"
+        " (default 10; 0: wait forever)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_count,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listening socket and the cache (default 1)",
+    )
+    # A worker of --workers: the listening socket it inherited from its parent.
+    parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``atempstore serve``; returns the exit status."""
     if args.directory is None and not args.demo:
         print("atempstore serve: pass the directory to serve (or --demo)", file=sys.stderr)
+        return 2
+    if args.demo and args.workers > 1:
+        print("atempstore serve: --demo runs one worker (drop --workers)", file=sys.stderr)
         return 2
     try:
         import starlette  # noqa: F401 - only checking that the extra is installed
@@ -105,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from .._serve import run as serve
+    from .._serve._workers import serve_workers, watch_parent
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -117,7 +152,28 @@ def run(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 
+    def warn(line: str) -> None:
+        print(f"atempstore serve: {line}", file=sys.stderr, flush=True)
+
     try:
+        if args.workers > 1:
+            return serve_workers(
+                args.directory,
+                workers=args.workers,
+                cache_dir=args.cache,
+                max_size=args.max_size,
+                host=args.host,
+                port=args.port,
+                exit_after=args.exit_after,
+                grace=args.grace,
+                header_timeout=args.header_timeout,
+                say=say,
+                warn=warn,
+            )
+        worker_sock = None
+        if args.worker_fd is not None:
+            watch_parent()
+            worker_sock = socket.socket(fileno=args.worker_fd)
         return asyncio.run(
             serve(
                 args.directory,
@@ -128,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
                 demo=args.demo,
                 exit_after=args.exit_after,
                 grace=args.grace,
+                header_timeout=args.header_timeout,
+                worker_sock=worker_sock,
                 say=say,
             )
         )

@@ -10,7 +10,9 @@ maps errors to exit statuses.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import socket
 from collections.abc import Callable
 
 import anyio
@@ -18,6 +20,7 @@ import anyio
 from .._threads import run_sync
 from ._demo import DEMO_FILES, exercise, make_demo
 from ._server import FileServer
+from ._workers import stops_handled
 
 __all__ = ("run",)
 
@@ -40,9 +43,35 @@ async def run(
     demo: bool = False,
     exit_after: float | None = None,
     grace: float = 5.0,
+    header_timeout: float = 10.0,
+    worker_sock: socket.socket | None = None,
     say: Callable[[str], None] = print,
 ) -> int:
-    """What ``atempstore serve`` does; returns the exit status."""
+    """What ``atempstore serve`` does; returns the exit status.
+
+    With ``worker_sock`` it is one worker of ``--workers`` (see ``_workers``):
+    it serves that socket until SIGTERM, and says nothing but its log lines.
+    """
+    if worker_sock is not None:
+        async with FileServer(
+            directory or "",
+            cache_dir=cache_dir,
+            max_size=max_size,
+            grace=grace,
+            header_timeout=header_timeout,
+            handle_signals=True,
+            sock=worker_sock,
+        ) as server:
+            stops_handled()  # a stop asked while it started is handled now
+            await server.wait()
+        stats = server.cache.stats()
+        # One line per worker at its stop: how the load and the copies fell.
+        say(
+            f"worker {os.getpid()} stopped: {server.requests} requests;"
+            f" cache: {stats['copies']} copies ({stats['copied_bytes']} B),"
+            f" {stats['follows']} follows, {stats['hits']} hits"
+        )
+        return 0
     base = None
     if demo:
         say("demo: creating the demo files...")
@@ -57,6 +86,7 @@ async def run(
             host=host,
             port=port,
             grace=grace,
+            header_timeout=header_timeout,
             handle_signals=True,
         )
         async with server:

@@ -325,6 +325,11 @@ class FileServer:
             await asyncio.sleep(0.005)
 
     @property
+    def requests(self) -> int:
+        """Responses completed so far (cut ones not counted)."""
+        return 0 if self._server is None else self._server.server_state.total_requests
+
+    @property
     def stopping(self) -> bool:
         """True once a stop was asked (a signal or `stop`)."""
         return self._server is not None and self._server.should_exit
