@@ -669,7 +669,7 @@ async def test_copy_wakes_the_loop_only_for_waiting_readers(
 ) -> None:
     """Every wake-up of the loop from a copy thread risks leaving the loop thread
     behind it on one CPU (see `Doorbell`): a copy nobody waits on posts nothing."""
-    from atempstore._copysession import Doorbell
+    from atempstore._cache._doorbell import Doorbell
 
     posts: list[str] = []
     post = Doorbell.post
@@ -695,7 +695,7 @@ async def test_copy_wakes_the_loop_only_for_waiting_readers(
 
 
 async def test_doorbell_coalesces_and_falls_back_after_close() -> None:
-    from atempstore._copysession import Doorbell, open_doorbell_fd
+    from atempstore._cache._doorbell import Doorbell, open_doorbell_fd
 
     loop = asyncio.get_running_loop()
     bell = Doorbell(loop, open_doorbell_fd())
