@@ -898,6 +898,154 @@ async def test_a_failed_copy_tells_readers_the_source_path(tmp_path: Path) -> No
 
 
 # --------------------------------------------------------------------------
+# The blocking cores, without an event loop
+
+
+def test_the_copy_record_round_trips_and_a_torn_read_is_recognized(tmp_path: Path) -> None:
+    from atempstore._cache._record import (
+        QUEUED,
+        RECORD_SIZE,
+        Record,
+        clear_record,
+        read_progress,
+        read_record,
+        write_progress,
+        write_record,
+    )
+
+    fd = os.open(tmp_path / "entry.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert read_record(fd) is None  # empty file: no record
+        rec = Record(QUEUED, 5 * MiB, 1_700_000_000_123_456_789, 4242, 5 * MiB)
+        write_record(fd, rec)
+        assert os.fstat(fd).st_size == RECORD_SIZE == 64
+        assert read_record(fd) == rec
+        assert read_progress(fd) == QUEUED
+        write_progress(fd, 3 * MiB)  # rewrites the counter only
+        assert read_record(fd) == Record(3 * MiB, 5 * MiB, rec.mtime_ns, 4242, 5 * MiB)
+        assert read_progress(fd) == 3 * MiB
+        # One copy of the counter torn (a follower reading while the copier
+        # rewrites it): never taken for progress.
+        os.pwrite(fd, (4 * MiB).to_bytes(8, "little"), 0)
+        assert read_progress(fd) is None
+        assert read_record(fd) is None
+        write_progress(fd, 4 * MiB)
+        # The body torn: its CRC no longer matches.
+        os.pwrite(fd, b"\xff", 30)
+        assert read_record(fd) is None
+        clear_record(fd)
+        assert read_record(fd) is None
+        assert os.pread(fd, RECORD_SIZE, 0) == bytes(RECORD_SIZE)
+    finally:
+        os.close(fd)
+
+
+def test_the_ledger_counts_under_its_lock_and_refuses_to_wait_when_told(tmp_path: Path) -> None:
+    import fcntl
+
+    from atempstore._cache._record import USAGE_FILE, Ledger, LedgerBusy
+
+    ledger = Ledger()
+    ledger.open(str(tmp_path))
+    try:
+        with ledger.held(wait=False):
+            assert ledger.read() is None  # a new ledger: the caller recounts
+            ledger.write(12345)
+            assert ledger.read() == 12345
+            ledger.write(-5)  # never below zero
+            assert ledger.read() == 0
+        # Another open file description (another process, for flock) holds it.
+        other = os.open(tmp_path / USAGE_FILE, os.O_RDWR)
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            with pytest.raises(LedgerBusy), ledger.held(wait=False):
+                pass
+            os.pwrite(other, b"\x01", 3)  # torn by hand
+            fcntl.flock(other, fcntl.LOCK_UN)
+        finally:
+            os.close(other)
+        with ledger.held(wait=True):
+            assert ledger.read() is None
+    finally:
+        ledger.close()
+    with pytest.raises(RuntimeError, match="closed"), ledger.held():
+        pass
+
+
+def test_directory_probe_copier_publish_without_a_loop(tmp_path: Path) -> None:
+    """The directory, the probe and the copier are plain blocking code: one
+    copy from probe to publication, then a hit, in this thread."""
+    from atempstore._cache._copier import Copier
+    from atempstore._cache._directory import Directory
+    from atempstore._cache._fd import SharedFd
+    from atempstore._cache._probe import Probe, discard, probe
+    from atempstore._cache._record import entry_name, read_record
+    from atempstore._cache._source import PathOrigin
+    from atempstore._cache._stats import Stats
+
+    data = os.urandom(3 * MiB + 17)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    stats = Stats()
+    directory = Directory(str(tmp_path / "c"), 8 * MiB, lambda: 1000.0, stats)
+    directory.open(wait=True)
+    origin = PathOrigin(src)
+    try:
+        origin.resolve()
+        name = entry_name(origin.key)
+        # A probe given back leaves nothing: no part, no reservation.
+        p = probe(directory, Probe(name), origin.version)
+        assert p.kind == "copy"
+        assert p.reserved == len(data)
+        assert directory.usage(wait=True) == len(data)
+        discard(directory, p)
+        assert directory.usage(wait=True) == 0
+        assert sorted(os.listdir(directory.root)) == [f".{name}.lock", ".usage"]
+
+        p = probe(directory, Probe(name), origin.version)
+        assert p.kind == "copy"
+        assert p.data_fd is not None
+        assert p.lock_fd is not None
+        woken: list[str] = []
+        part = SharedFd(p.data_fd)  # the session's, once the copy is handed over
+        copier = Copier(
+            origin=origin,
+            name=name,
+            root=directory.root,
+            part=part,
+            part_fd=p.data_fd,
+            lock_fd=p.lock_fd,
+            reserved=p.reserved,
+            ledger=directory,
+            stats=stats,
+            chunk_size=MiB,
+            clock_ns=directory.clock_ns,
+            post=lambda fn, *args: woken.append(fn.__name__),
+        )
+        assert copier.run(lambda: None) == "published"
+        part.close()
+        assert woken == []  # nobody waited: the loop is never woken
+        assert (Path(directory.root) / name).read_bytes() == data
+        assert (Path(directory.root) / name).stat().st_mtime_ns == origin.version.mtime_ns
+        assert directory.usage(wait=True) == len(data)
+        hit = probe(directory, Probe(name), origin.version)
+        assert hit.kind == "cache"
+        assert hit.data_fd is not None
+        assert hit.lock_fd is None
+        discard(directory, hit)
+        lock_fd = os.open(directory.lock_path(name), os.O_RDONLY)
+        try:
+            assert read_record(lock_fd) is None  # published: the record was cleared
+        finally:
+            os.close(lock_fd)
+        snapshot = stats.snapshot()
+        assert snapshot["copied_bytes"] == len(data)
+    finally:
+        origin.close()
+        directory.close()
+
+
+# --------------------------------------------------------------------------
 # Cancellation at every hop of every public coroutine
 
 
