@@ -494,7 +494,8 @@ async def test_every_answer_gets_one_access_line_with_range_and_user_agent(
     ), lines[1]
     assert re.fullmatch(client_ + r" GET /nope 404 \d+ B .* \(not found\)", lines[2]), lines[2]
     assert re.fullmatch(client_ + r' GET /sub 200 \d+ B [0-9.]+ ms - "-" "probe.*"', lines[3])
-    assert " GET http://t/nope 404 " in lines[4], lines[4]
+    # The target as sent with h11; httptools passes only its path on.
+    assert re.search(r" GET (http://t)?/nope 404 ", lines[4]), lines[4]
 
 
 async def test_a_connection_without_a_complete_head_is_closed_after_the_header_timeout(
