@@ -102,6 +102,28 @@ async def test_concurrent_calls_overlap_up_to_the_pool_size() -> None:
     release.set()
     await calls
     assert peak == POOL_THREADS
+    # The 8 calls that waited for a thread did not leave the pool believing
+    # it has more idle threads than threads (a burst once inflated _idle).
+    await run_sync(lambda: None)
+    assert pool._idle <= pool._threads == POOL_THREADS
+
+
+async def test_the_pool_counts_idle_threads_truly_after_bursts() -> None:
+    # Bursts beyond the pool size, one after another: each time, the pool has
+    # exactly its threads and every one idle once all calls are done (this
+    # failed when a previous burst had left _idle above the thread count).
+    release = threading.Event()
+    for _ in range(3):
+        release.clear()
+        calls = asyncio.gather(*(run_sync(release.wait, 5) for _ in range(POOL_THREADS + 8)))
+        await asyncio.sleep(0)
+        release.set()
+        await calls
+    pool = _threads._get_pool()
+    deadline = time.monotonic() + 5
+    while pool._idle != pool._threads and time.monotonic() < deadline:
+        await run_sync(time.sleep, 0.01)
+    assert pool._idle <= pool._threads == POOL_THREADS
 
 
 async def test_slow_work_never_occupies_the_file_threads() -> None:

@@ -84,6 +84,10 @@ class _Pool:
         self._name = name
         self._threads = 0
         self._idle = 0  # threads that have finished a job and will take another
+        # Jobs queued while every thread was busy and no more could start: the
+        # next thread to finish takes one instead of counting itself idle
+        # (else _idle would grow past the number of threads after every burst).
+        self._backlog = 0
         self._count_lock = threading.Lock()
         self._closed = False
         _register_atexit(self._close)
@@ -98,6 +102,8 @@ class _Pool:
             elif self._threads < self._max_threads:
                 self._threads += 1
                 start = True
+            else:
+                self._backlog += 1
         self._jobs.put(job)
         if start:
             # The file pool is not daemon: work already handed over finishes
@@ -111,7 +117,10 @@ class _Pool:
             deliver = job.run()
             del job
             with self._count_lock:
-                self._idle += 1
+                if self._backlog:
+                    self._backlog -= 1
+                else:
+                    self._idle += 1
             if deliver is not None:
                 deliver()  # wakes the loop: nothing after it but blocking in get()
             del deliver
