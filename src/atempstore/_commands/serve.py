@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from .._serve import run as serve
-    from .._serve._workers import serve_workers, watch_parent
+    from .._serve import serve_workers, watch_parent
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -155,40 +155,25 @@ def run(args: argparse.Namespace) -> int:
     def warn(line: str) -> None:
         print(f"atempstore serve: {line}", file=sys.stderr, flush=True)
 
+    # What one server and a pool of workers are both given.
+    common: dict[str, Any] = {
+        "cache_dir": args.cache,
+        "max_size": args.max_size,
+        "host": args.host,
+        "port": args.port,
+        "exit_after": args.exit_after,
+        "grace": args.grace,
+        "header_timeout": args.header_timeout,
+        "say": say,
+    }
     try:
         if args.workers > 1:
-            return serve_workers(
-                args.directory,
-                workers=args.workers,
-                cache_dir=args.cache,
-                max_size=args.max_size,
-                host=args.host,
-                port=args.port,
-                exit_after=args.exit_after,
-                grace=args.grace,
-                header_timeout=args.header_timeout,
-                say=say,
-                warn=warn,
-            )
+            return serve_workers(args.directory, workers=args.workers, warn=warn, **common)
         worker_sock = None
         if args.worker_fd is not None:
             watch_parent()
             worker_sock = socket.socket(fileno=args.worker_fd)
-        return asyncio.run(
-            serve(
-                args.directory,
-                cache_dir=args.cache,
-                max_size=args.max_size,
-                host=args.host,
-                port=args.port,
-                demo=args.demo,
-                exit_after=args.exit_after,
-                grace=args.grace,
-                header_timeout=args.header_timeout,
-                worker_sock=worker_sock,
-                say=say,
-            )
-        )
+        return asyncio.run(serve(args.directory, demo=args.demo, worker_sock=worker_sock, **common))
     except (OSError, ValueError) as exc:
         print(f"atempstore serve: {exc}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ One concern per module, each importing only the ones above it:
 * ``_app``: the Starlette app (`create_app`) and its per-request log line;
 * ``_server``: `FileServer`, the uvicorn lifecycle and graceful stop;
 * ``_demo``: ``--demo``, its files and its one pass of clients;
+* ``_workers``: ``--workers N``, N processes on one listening socket;
 * ``_run``: the command's whole run (`run`).
 
 Starlette and uvicorn are optional (the ``serve`` extra).  The names that
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from ._app import create_app as create_app
     from ._run import run as run
     from ._server import FileServer as FileServer
+    from ._workers import serve_workers as serve_workers
+    from ._workers import watch_parent as watch_parent
 
 __all__ = (
     "FileServer",
@@ -41,9 +44,17 @@ __all__ = (
     "parse_range",
     "parse_size",
     "run",
+    "serve_workers",
+    "watch_parent",
 )
 
-_LAZY = {"FileServer": "._server", "create_app": "._app", "run": "._run"}
+_LAZY = {
+    "FileServer": "._server",
+    "create_app": "._app",
+    "run": "._run",
+    "serve_workers": "._workers",
+    "watch_parent": "._workers",
+}
 
 
 def __getattr__(name: str) -> object:

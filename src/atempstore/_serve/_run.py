@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -52,15 +53,16 @@ async def run(
     With ``worker_sock`` it is one worker of ``--workers`` (see ``_workers``):
     it serves that socket until SIGTERM, and says nothing but its log lines.
     """
+    # What every server this command starts is given, worker or not.
+    settings: dict[str, Any] = {
+        "max_size": max_size,
+        "grace": grace,
+        "header_timeout": header_timeout,
+        "handle_signals": True,
+    }
     if worker_sock is not None:
         async with FileServer(
-            directory or "",
-            cache_dir=cache_dir,
-            max_size=max_size,
-            grace=grace,
-            header_timeout=header_timeout,
-            handle_signals=True,
-            sock=worker_sock,
+            directory or "", cache_dir=cache_dir, sock=worker_sock, **settings
         ) as server:
             stops_handled()  # a stop asked while it started is handled now
             await server.wait()
@@ -79,16 +81,7 @@ async def run(
         cache_dir = cache_dir or demo_cache
     assert directory is not None
     try:
-        server = FileServer(
-            directory,
-            cache_dir=cache_dir,
-            max_size=max_size,
-            host=host,
-            port=port,
-            grace=grace,
-            header_timeout=header_timeout,
-            handle_signals=True,
-        )
+        server = FileServer(directory, cache_dir=cache_dir, host=host, port=port, **settings)
         async with server:
             say(f"serving {server.root} at {server.url}")
             say(f"  cache: {server.cache_dir} (at most {_human(max_size)})")
