@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from .blocking import forbid_blocking_io
 __all__ = (
     "forbid_blocking_io",
     "lock_is_held",
+    "loop_thread_lines",
     "mounted_tmpfs",
+    "names_path_under",
     "open_fds",
     "require_tool",
     "run_python",
@@ -39,6 +42,31 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def loop_thread_lines(stdout: str, log: Path) -> list[str]:
+    """The ``strace -f`` lines of the event-loop thread of a tour script.
+
+    The script prints ``loop-thread TID`` before its tour starts; the lines
+    are that thread's, from that print on (its set-up before is not counted).
+    """
+    tid = re.search(r"loop-thread (\d+)", stdout)
+    assert tid is not None, stdout
+    own = [
+        line
+        for line in log.read_text(errors="replace").splitlines()
+        if line.startswith(f"{tid[1]} ")
+    ]
+    start = next(i for i, line in enumerate(own) if "loop-thread" in line and "write(" in line)
+    return own[start + 1 :]
+
+
+def names_path_under(line: str, root: Path) -> bool:
+    """Whether an ``strace -yy`` line names a path under ``root``: a path
+    argument (``"/root/..."``) or an fd shown with its path (``3</root/...>``),
+    not merely data that happens to contain it (a coverage data file records
+    the command line, which holds the tour's directory)."""
+    return re.search(rf"[<\"]{re.escape(str(root))}", line) is not None
 
 
 def _env() -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, require_tool, spawn_python
+from .conftest import REPO, loop_thread_lines, names_path_under, require_tool, spawn_python
 from .test_cache import change_source
 
 MiB = 1 << 20
@@ -371,25 +370,8 @@ def test_the_loop_thread_closes_no_cache_or_source_fd(tmp_path: Path) -> None:
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tour done" in result.stdout, result.stdout
-    tid = re.search(r"loop-thread (\d+)", result.stdout)
-    assert tid is not None
-    own = [
-        line
-        for line in log.read_text(errors="replace").splitlines()
-        if line.startswith(f"{tid[1]} ")
-    ]
-    start = next(i for i, line in enumerate(own) if "loop-thread" in line and "write(" in line)
-    # Not this component's: _locks._wait_for_lock (the follower's wait for the
-    # copier's end) dups the part fd on the loop and closes the dup there.
-    dups = {m[1] for line in own[start:] if (m := re.match(r"\d+ dup\(.*\) = (\d+)<", line))}
-    touched = [
-        line
-        for line in own[start:]
-        if str(root) in line
-        and "tour done" not in line
-        and not re.match(r"\d+ dup\(", line)
-        and not any(line.startswith(f"{tid[1]} close({fd}<") for fd in dups)
-    ]
+    own = loop_thread_lines(result.stdout, log)
+    touched = [line for line in own if names_path_under(line, root) and "tour done" not in line]
     closes = [line for line in touched if " close(" in line]
     assert closes == [], "\n".join(closes[:40])
     assert touched == [], "\n".join(touched[:40])

@@ -39,7 +39,15 @@ from atempstore import (
 )
 
 from .cancelling import CancelPoint, cancel_points
-from .conftest import REPO, lock_is_held, open_fds, require_tool, run_python, spawn_python
+from .conftest import (
+    REPO,
+    lock_is_held,
+    names_path_under,
+    open_fds,
+    require_tool,
+    run_python,
+    spawn_python,
+)
 
 # A child that takes the lock, says so, and holds it until told to let go.
 HOLDER = """
@@ -1074,7 +1082,7 @@ def test_the_loop_thread_makes_no_syscall_on_lock_files(tmp_path: Path) -> None:
     for line in log.read_text().splitlines():
         thread, _, call = line.partition(" ")
         name = re.match(r"\s*(\w+)\(", call)
-        if name is None or str(root) not in call:
+        if name is None or not names_path_under(call, root):
             continue
         seen.add(name.group(1))
         if thread == loop_thread:
