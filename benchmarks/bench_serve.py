@@ -20,15 +20,29 @@ cached copy are in the page cache: this measures the servers, not the disk.
 
 Bars: aggregate throughput >= 0.7x StaticFiles cold, >= 0.9x warm.
 
-Run: ``.venv/bin/python benchmarks/bench_serve.py [--size-mib 256] [--clients 32] [--rounds 3]``
+Part two, per-request cost: nginx (``sendfile on``), ``python -m http.server`` and
+``atempstore serve --workers 2`` on the same warm 4 KiB and 1 MiB files, each
+driven by the same ``wrk -t2 -c64 -d5s``, one server at a time.  Every server
+writes an access log to a file (nginx included, so each pays for its log line).
+wrk shares the machine's cores with the server it drives: on 2 cores the figures
+are what the server manages with about half of them, for every server alike.
+
+Bars (issue 13): atempstore >= 1.5x http.server on both sizes, >= 0.15x nginx
+on 4 KiB and >= 0.5x nginx on 1 MiB.
+
+Run: ``.venv/bin/python benchmarks/bench_serve.py [--size-mib 256] [--clients 32] [--rounds 3]
+[--wrk-duration 5] [--part all|cold|wrk]``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import hashlib
 import os
+import pwd
+import re
 import socket
 import subprocess
 import sys
@@ -37,6 +51,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import fresh_dir, median, print_table, save
@@ -76,10 +91,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(command: list[str], port: int, log: Path) -> Iterator[None]:
+def server(
+    command: list[str], port: int, log: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``command`` until the block ends, once ``port`` accepts connections;
+    stopped by its pid (SIGTERM, then SIGKILL) even when the block fails."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     with open(log, "a") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -90,10 +109,20 @@ def server(command: list[str], port: int, log: Path) -> Iterator[None]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server did not start: {log.read_text()}") from None
                 time.sleep(0.02)
-        yield
+        yield proc
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def count_modes(log: Path) -> dict[str, int]:
+    """atempstore's access lines by how each body was served (``... 1.8 ms cache "-" "UA"``)."""
+    found = re.findall(r" ms (copy|follow|cache|source) ", log.read_text(errors="replace"))
+    return {m: found.count(m) for m in ("copy", "follow", "cache", "source")}
 
 
 class Download(asyncio.BufferedProtocol):
@@ -166,36 +195,31 @@ async def one_run(port: int, clients: int, size: int, expected: str) -> float:
     return took
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+def cold_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The cold- and warm-cache rows: 32 whole downloads of one big file."""
     size = args.size_mib * MiB
     clients = args.clients
     times: dict[str, list[float]] = {"static": [], "static-1m": [], "cold": [], "warm": []}
-    with fresh_dir("serve") as tmp:
-        served = tmp / "www"
-        served.mkdir()
-        expected = make_file(served / NAME, size)
-        log = tmp / "servers.log"
-        for round_ in range(args.rounds):
-            for key, chunk in (("static", 64 * 1024), ("static-1m", MiB)):
-                port = free_port()
-                static = [sys.executable, "-c", textwrap.dedent(STATIC_SERVER), str(served)]
-                with server([*static, str(port), str(chunk)], port, log):
-                    times[key].append(asyncio.run(one_run(port, clients, size, expected)))
+    served = tmp / "www-big"
+    served.mkdir()
+    expected = make_file(served / NAME, size)
+    log = tmp / "servers.log"
+    for round_ in range(args.rounds):
+        for key, chunk in (("static", 64 * 1024), ("static-1m", MiB)):
             port = free_port()
-            ours = [sys.executable, "-m", "atempstore.cli", "serve", str(served)]
-            ours += ["--port", str(port), "--cache", str(tmp / f"cache-{round_}")]
-            ours += ["--max-size", f"{2 * size}"]
-            with server(ours, port, log):
-                times["cold"].append(asyncio.run(one_run(port, clients, size, expected)))
-                times["warm"].append(asyncio.run(one_run(port, clients, size, expected)))
-            rates = (f"{k} {clients * size / v[-1] / 1e6:,.0f} MB/s" for k, v in times.items())
-            print(f"round {round_ + 1}: " + ", ".join(rates))
-        modes = {m: log.read_text().count(f" {m}\n") for m in ("copy", "follow", "cache", "source")}
+            static = [sys.executable, "-c", textwrap.dedent(STATIC_SERVER), str(served)]
+            with server([*static, str(port), str(chunk)], port, log):
+                times[key].append(asyncio.run(one_run(port, clients, size, expected)))
+        port = free_port()
+        ours = [sys.executable, "-m", "atempstore.cli", "serve", str(served)]
+        ours += ["--port", str(port), "--cache", str(tmp / f"cache-{round_}")]
+        ours += ["--max-size", f"{2 * size}"]
+        with server(ours, port, log):
+            times["cold"].append(asyncio.run(one_run(port, clients, size, expected)))
+            times["warm"].append(asyncio.run(one_run(port, clients, size, expected)))
+        rates = (f"{k} {clients * size / v[-1] / 1e6:,.0f} MB/s" for k, v in times.items())
+        print(f"round {round_ + 1}: " + ", ".join(rates))
+    modes = count_modes(log)
 
     total = clients * size
     rate = {k: total / median(v) / 1e6 for k, v in times.items()}
@@ -219,19 +243,208 @@ def main() -> None:
         rows,
     )
     print(f"\natempstore's log lines by cache mode: {modes}")
-    save(
-        "serve",
-        {
-            "size_mib": args.size_mib,
-            "clients": clients,
-            "rounds": args.rounds,
-            "seconds": times,
-            "mb_per_s": rate,
-            "ratio_cold": rate["cold"] / rate["static"],
-            "ratio_warm": rate["warm"] / rate["static"],
-            "modes": modes,
-        },
+    return {
+        "size_mib": args.size_mib,
+        "clients": clients,
+        "rounds": args.rounds,
+        "seconds": times,
+        "mb_per_s": rate,
+        "ratio_cold": rate["cold"] / rate["static"],
+        "ratio_warm": rate["warm"] / rate["static"],
+        "modes": modes,
+    }
+
+
+# The per-request part: small and large warm files under wrk.
+WRK_FILES = {"4k": ("small.bin", 4 * 1024), "1m": ("large.bin", MiB)}
+WRK_SERVERS = ("nginx", "http.server", "atempstore")
+# atempstore / peer, per file: the bars of issue 13.
+WRK_BARS = {("http.server", "4k"): 1.5, ("http.server", "1m"): 1.5}
+WRK_BARS |= {("nginx", "4k"): 0.15, ("nginx", "1m"): 0.5}
+
+NGINX_CONF = """\
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {dir}/access.log;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        autoindex on;
+    }}
+}}
+"""
+
+
+def nginx_command(tmp: Path, root: Path, port: int) -> list[str]:
+    """nginx with its own config and scratch directory, in the foreground."""
+    conf_dir = tmp / f"nginx-{port}"
+    conf_dir.mkdir()
+    # As root, nginx's workers would run as nobody, who cannot enter a 0700 temp dir.
+    user = ""
+    if os.geteuid() == 0:
+        user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(0).gr_name};"
+    conf = NGINX_CONF.format(user=user, dir=conf_dir, port=port, root=root)
+    (conf_dir / "nginx.conf").write_text(conf)
+    return [
+        "nginx", "-p", str(conf_dir), "-c", str(conf_dir / "nginx.conf"),
+        "-g", "daemon off; master_process on; worker_processes 2;",
+    ]  # fmt: skip
+
+
+def fetch(port: int, name: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET /{name} HTTP/1.0\r\nHost: bench\r\n\r\n".encode())
+        chunks = []
+        while chunk := s.recv(1 << 16):
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+        raise RuntimeError(f"GET /{name}: {head[:200]!r}")
+    return body
+
+
+def run_wrk(port: int, name: str, duration: int) -> dict[str, Any]:
+    """``wrk -t2 -c64 -d<duration>s`` on one file: req/s and what went wrong."""
+    command = ["wrk", "-t2", "-c64", f"-d{duration}s", f"http://127.0.0.1:{port}/{name}"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration + 60)
+    found = re.search(r"^Requests/sec:\s+([\d.]+)", out.stdout, re.M)
+    if found is None:
+        raise RuntimeError(f"no Requests/sec in wrk's output:\n{out.stdout}{out.stderr}")
+    requests = re.search(r"^\s+(\d+) requests in", out.stdout, re.M)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout
     )
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out.stdout)
+    return {
+        "req_per_s": float(found.group(1)),
+        "requests": int(requests.group(1)) if requests else None,
+        "socket_errors": dict(
+            zip(("connect", "read", "write", "timeout"), map(int, errors.groups()), strict=True)
+        )
+        if errors
+        else {},
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def wrk_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """nginx, http.server and atempstore serve under the same wrk, warm files."""
+    for tool in ("nginx", "wrk"):
+        if subprocess.run(["which", tool], capture_output=True).returncode:
+            raise SystemExit(f"{tool} is not installed (.ci/run installs it)")
+    root = tmp / "www"
+    root.mkdir()
+    contents = {}
+    for key, (name, size) in WRK_FILES.items():
+        contents[key] = os.urandom(size)
+        (root / name).write_bytes(contents[key])
+    log = tmp / "wrk-servers.log"
+    results: dict[str, dict[str, Any]] = {}
+    for label in WRK_SERVERS:
+        port = free_port()
+        cwd = None
+        if label == "nginx":
+            command = nginx_command(tmp, root, port)
+        elif label == "http.server":
+            command = [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+            cwd = root
+        else:
+            command = [sys.executable, "-m", "atempstore.cli", "serve", str(root)]
+            command += ["--workers", "2", "--port", str(port), "--host", "127.0.0.1"]
+            command += ["--cache", str(tmp / "wrk-cache")]
+        with server(command, port, log, cwd=cwd):
+            # Warm: every server has read each file once (atempstore: it is cached).
+            for key, (name, _) in WRK_FILES.items():
+                for _ in range(3):
+                    if fetch(port, name) != contents[key]:
+                        raise RuntimeError(f"{label} served wrong bytes for {name}")
+            for key, (name, _) in WRK_FILES.items():
+                results[f"{label} {key}"] = run_wrk(port, name, args.wrk_duration)
+                print(f"{label} {key}: {results[f'{label} {key}']['req_per_s']:,.0f} req/s")
+    modes = count_modes(log)
+
+    rows = []
+    for label in WRK_SERVERS:
+        row: list[Any] = [label]
+        for key in WRK_FILES:
+            r = results[f"{label} {key}"]
+            problems = sum(r["socket_errors"].values()) + r["non_2xx"]
+            row.append(r["req_per_s"])
+            row.append(problems)
+        rows.append(row)
+    print_table(
+        f"wrk -t2 -c64 -d{args.wrk_duration}s, warm files, one server at a time"
+        " (wrk shares the 2 cores with the server)",
+        ["server", "4 KiB req/s", "errors", "1 MiB req/s", "errors"],
+        rows,
+    )
+    ratios: dict[str, float] = {}
+    verdicts: dict[str, bool] = {}
+    ratio_rows = []
+    for (peer, key), bar in WRK_BARS.items():
+        ratio = results[f"atempstore {key}"]["req_per_s"] / results[f"{peer} {key}"]["req_per_s"]
+        ratios[f"{peer} {key}"] = ratio
+        verdicts[f"{peer} {key}"] = ratio >= bar
+        verdict = ("PASS" if ratio >= bar else "FAIL") + f" (>= {bar})"
+        ratio_rows.append([f"atempstore / {peer}", WRK_FILES[key][1], ratio, verdict])
+    print_table(
+        "atempstore serve --workers 2 against its peers",
+        ["ratio", "file bytes", "x", "bar"],
+        ratio_rows,
+    )
+    for name, r in results.items():
+        if sum(r["socket_errors"].values()) or r["non_2xx"]:
+            print(f"  {name}: socket errors {r['socket_errors']}, non-2xx {r['non_2xx']}")
+    print(
+        "  (http.server answers HTTP/1.0 and closes every connection, so wrk reconnects"
+        " per request; timeouts are requests not answered within wrk's 2 s)"
+    )
+    print(f"\natempstore's log lines by cache mode (warm-up and wrk): {modes}")
+    return {
+        "wrk": f"wrk -t2 -c64 -d{args.wrk_duration}s",
+        "cores": os.cpu_count(),
+        "note": "wrk shares the cores with the server",
+        "results": results,
+        "ratios": ratios,
+        "bars": {f"{peer} {key}": bar for (peer, key), bar in WRK_BARS.items()},
+        "pass": verdicts,
+        "modes": modes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--wrk-duration", type=int, default=5, metavar="SECONDS")
+    parser.add_argument("--part", choices=("all", "cold", "wrk"), default="all")
+    args = parser.parse_args()
+    # Other work on the machine takes cores from the servers and from wrk alike, but
+    # not in equal measure: the load says how far to trust one run.
+    results: dict[str, Any] = {"load_average_before": os.getloadavg()}
+    print(f"load average before: {results['load_average_before']}")
+    with fresh_dir("serve") as tmp:
+        if args.part in ("all", "wrk"):
+            results["per_request"] = wrk_part(args, tmp)
+        if args.part in ("all", "cold"):
+            results |= cold_part(args, tmp)
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average after: {results['load_average_after']}")
+    save("serve", results)
 
 
 if __name__ == "__main__":
