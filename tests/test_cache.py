@@ -918,7 +918,7 @@ def test_the_copy_record_round_trips_and_a_torn_read_is_recognized(tmp_path: Pat
         assert read_record(fd) is None  # empty file: no record
         rec = Record(QUEUED, 5 * MiB, 1_700_000_000_123_456_789, 4242, 5 * MiB)
         write_record(fd, rec)
-        assert os.fstat(fd).st_size == RECORD_SIZE == 64
+        assert os.fstat(fd).st_size == RECORD_SIZE == 72  # 64 before the ident (ATSCOPY2)
         assert read_record(fd) == rec
         assert read_progress(fd) == QUEUED
         write_progress(fd, 3 * MiB)  # rewrites the counter only
@@ -1204,3 +1204,168 @@ async def test_cancelling_each_public_coroutine_at_each_hop_leaves_nothing_behin
     # Waiting for a copy's progress, and leaving a copy that runs on, take no hop.
     if what not in ("read copy", "iter_bytes copy", "CachedFile.aclose copy"):
         assert points, f"{what} made no thread hop"
+
+
+# --------------------------------------------------------------------------
+# Versions beyond size and mtime; growing files; stat without a copy (issue 13)
+
+
+async def test_stat_tells_the_version_and_touches_nothing_in_the_cache(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * MiB))
+    (tmp_path / "adir").mkdir()
+    async with FileCache(tmp_path / "cache", max_size=64 * MiB) as cache:
+        info = await cache.stat(src)
+        assert (info.key, info.size) == (str(src), 3 * MiB)
+        assert info.mtime_ns == os.stat(src).st_mtime_ns
+        # Nothing but the ledger: no copy, no part, no entry lock.
+        assert os.listdir(tmp_path / "cache") == [".usage"]
+        assert cache.stats()["copies"] == 0
+        async with cache.open(src) as f:
+            assert f.info == info
+        with pytest.raises(FileNotFoundError):
+            await cache.stat(tmp_path / "missing")
+        with pytest.raises(IsADirectoryError):
+            await cache.stat(tmp_path / "adir")
+        obj = await cache.stat(MemorySource(b"x" * 10))
+        assert obj.etag == f'"a-{obj.mtime_ns:x}"'  # size and mtime only
+
+
+async def test_cancelling_stat_at_each_hop_leaves_no_fd(tmp_path: Path) -> None:
+    from .cancelling import CancelPoint, cancel_points
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"y" * 1000)
+    cache = FileCache(tmp_path / "cache", max_size=MiB)
+    await cache.__aenter__()
+    try:
+
+        async def prepare() -> collections.Counter[str]:
+            gc.collect()
+            return _our_fds(tmp_path)
+
+        async def call(_: object) -> object:
+            return await cache.stat(src)
+
+        async def check(before: collections.Counter[str], point: CancelPoint) -> None:
+            assert _our_fds(tmp_path) == before, point
+
+        assert await cancel_points(prepare, call, check)
+    finally:
+        await cache.aclose()
+
+
+def test_a_path_version_is_its_inode_and_ctime_too(tmp_path: Path) -> None:
+    from atempstore._cache._source import PathOrigin
+
+    path = tmp_path / "f"
+    path.write_bytes(b"A" * 100)
+    one = PathOrigin(path)
+    one.resolve()
+    st = os.stat(path)
+    os.chmod(path, 0o600)  # a new ctime, nothing else
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    two = PathOrigin(path)
+    two.resolve()
+    try:
+        assert (one.version.size, one.version.mtime_ns) == (two.version.size, two.version.mtime_ns)
+        assert one.version != two.version
+        assert one.version.etag != two.version.etag
+        assert one.version.ident_hash != 0
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_growing_file_is_its_version_and_a_rewrite_is_not(tmp_path: Path) -> None:
+    from atempstore._cache._source import HEAD_SIZE, PathOrigin
+
+    path = tmp_path / "log"
+    path.write_bytes(b"L" * 10_000)
+
+    def opened() -> PathOrigin:
+        origin = PathOrigin(path)
+        origin.resolve()
+        return origin
+
+    origin = opened()
+    try:
+        with open(path, "ab") as f:
+            f.write(b"more\n")
+        origin.check()  # appended: still the version (its first 10000 bytes)
+        assert origin.read_checked(9_990, 10) == b"L" * 10
+        origin.check_final()
+    finally:
+        origin.close()
+    # Rewritten in place with the same size: a change.
+    origin = opened()
+    try:
+        with open(path, "r+b") as rewrite:
+            rewrite.write(b"X")
+        with pytest.raises(SourceChangedError):
+            origin.check()
+    finally:
+        origin.close()
+    # Truncated and written longer, with another start: a change, not growth.
+    origin = opened()
+    try:
+        path.write_bytes(b"N" * 20_000)
+        with pytest.raises(SourceChangedError):
+            origin.read_checked(0, 10)
+    finally:
+        origin.close()
+    # Truncated shorter: a change.
+    origin = opened()
+    try:
+        path.write_bytes(b"N" * 100)
+        with pytest.raises(SourceChangedError):
+            origin.check()
+    finally:
+        origin.close()
+    assert HEAD_SIZE <= 20_000
+
+
+async def test_a_growing_file_is_cached_as_of_its_length_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    first = os.urandom(8 * MiB)
+    path.write_bytes(first)
+    async with FileCache(tmp_path / "cache", max_size=64 * MiB, chunk_size=64 * 1024) as cache:
+        f = await cache.open(path)
+        try:
+            with open(path, "ab") as out:
+                out.write(b"appended" * 1000)  # while the copy runs
+            got = b"".join([chunk async for chunk in f.iter_bytes()])
+            assert await f.wait_cached()
+        finally:
+            await f.aclose()
+        assert got == first
+        # The next open is another version (longer): outdated, copied again.
+        async with cache.open(path) as g:
+            assert g.size == len(first) + 8000
+            assert await g.read(len(first), 8) == b"appended"
+
+
+async def test_an_old_cached_copy_and_an_old_record_are_taken_as_stale(tmp_path: Path) -> None:
+    from atempstore._cache._record import IDENT_XATTR, entry_name
+
+    src = tmp_path / "src.bin"
+    data = os.urandom(MiB)
+    src.write_bytes(data)
+    where = tmp_path / "cache"
+    async with FileCache(where, max_size=64 * MiB) as cache, cache.open(src) as f:
+        assert await f.wait_cached()
+    name = entry_name(str(src))
+    # A copy published by an older version (no ident attribute) and a lock
+    # file holding a record of the first format (64 bytes, ATSCOPY1).
+    os.removexattr(where / name, IDENT_XATTR)
+    old = bytearray(64)
+    old[16:24] = b"ATSCOPY1"
+    (where / f".{name}.lock").write_bytes(bytes(old))
+    async with FileCache(where, max_size=64 * MiB) as cache:
+        async with cache.open(src) as f:
+            assert f.mode == "copy"  # not served as cached: copied again
+            assert await f.read(0, MiB) == data
+            assert await f.wait_cached()
+        assert cache.stats()["outdated"] == 1
+        async with cache.open(src) as f:
+            assert f.mode == "cache"

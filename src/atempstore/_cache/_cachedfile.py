@@ -17,7 +17,7 @@ from anyio.abc import AsyncResource
 
 from ._fd import finish
 from ._session import CopySession
-from ._source import Origin
+from ._source import FileInfo, Origin
 
 __all__ = ("CachedFile", "Owner")
 
@@ -103,6 +103,20 @@ class CachedFile(AsyncResource):
         """A strong validator for HTTP: changes whenever size or mtime changes."""
         version = self._session.version
         return f'"{version.size:x}-{version.mtime_ns:x}"'
+
+    @property
+    def info(self) -> FileInfo:
+        """The version read: key, size, mtime and an ETag that also changes with
+        a local file's identity (inode, ctime), as `FileCache.stat` gives it.
+
+        Example:
+            ```python
+            async with cache.open(path) as f:
+                assert f.info.etag == (await cache.stat(path)).etag  # unless it changed
+            ```
+        """
+        origin = self._session.origin
+        return FileInfo.of(origin.key, origin.version, origin.mtime)
 
     @property
     def mode(self) -> str:

@@ -15,6 +15,7 @@ slow thread) or must raise `LedgerBusy` instead (on a file thread).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from .._durable import makedirs, unlink_quietly
 from .._flock import try_lock_exclusive
 from ._record import (
     FINAL_NAME,
+    IDENT_XATTR,
     OPEN_FLAGS,
     QUEUED,
     Ledger,
@@ -108,7 +110,22 @@ class Directory:
             return usage
 
     def publish(self, name: str, lock_fd: int) -> None:
-        """Rename a finished part into place (its reservation becomes the file)."""
+        """Rename a finished part into place (its reservation becomes the file).
+
+        The part gets its version's ident first (`IDENT_XATTR`, from the
+        record): a copy published without it (a crash before the attribute
+        reached the disk, a file system without user xattrs) is only ever
+        outdated, never served for another version.
+        """
+        rec = read_record(lock_fd)
+        if rec is not None and rec.ident:
+            with contextlib.suppress(OSError):
+                os.setxattr(
+                    self.part_path(name),
+                    IDENT_XATTR,
+                    rec.ident.to_bytes(8, "big"),
+                    follow_symlinks=False,
+                )
         with self.ledger.held():
             os.replace(self.part_path(name), self.final(name))
             clear_record(lock_fd)
@@ -191,7 +208,10 @@ class Directory:
             # starts (it writes 0): followers in other processes read from the
             # source meanwhile.  Written here, not on the loop.
             progress = QUEUED if queued else 0
-            write_record(lock_fd, Record(progress, size, version.mtime_ns, part_ino, size))
+            write_record(
+                lock_fd,
+                Record(progress, size, version.mtime_ns, part_ino, size, version.ident_hash),
+            )
             return True
 
     # -- the walk: recount, collect garbage, evict -------------------------------

@@ -38,7 +38,7 @@ from ._fd import finish
 from ._notifier import Notifier, load_asyncinotify
 from ._record import LedgerBusy
 from ._session import CopySession
-from ._source import Source, origin_for
+from ._source import FileInfo, Source, origin_for, stat_source
 from ._stats import Stats
 from ._table import SessionTable
 
@@ -199,6 +199,24 @@ class FileCache(AsyncResource):
         """
         return _Opening(partial(self._open, source))
 
+    async def stat(self, source: Source | str | os.PathLike[str]) -> FileInfo:
+        """What ``source`` is now (size, mtime, ETag), without a copy or a read.
+
+        One hop: the source is resolved (a path opened and fstat'ed, a
+        `Source` object's ``size`` and ``mtime`` asked) and let go.  Nothing
+        in the cache directory is touched, so answering a ``HEAD`` or a
+        conditional request from it starts no copy.  Raises what `open`
+        raises for a missing source (``FileNotFoundError``) or a directory
+        (``IsADirectoryError``).
+
+        Example:
+            ```python
+            info = await cache.stat("/mnt/nfs/video.mp4")
+            print(info.size, info.etag)
+            ```
+        """
+        return await run_sync(stat_source, source, slow=not _is_path(source))
+
     async def _open(self, source: Source | str | os.PathLike[str]) -> CachedFile:
         origin = origin_for(source)
         await self._ensure_ready()
@@ -296,6 +314,11 @@ async def ledger_hop(func: Callable[..., T], *args: Any, undo: Any = None) -> T:
         return await run_sync(partial(func, *args), False, undo=undo)
     except LedgerBusy:
         return await run_sync(partial(func, *args), True, slow=True, undo=undo)
+
+
+def _is_path(source: object) -> bool:
+    # A Source object's size and mtime may ask a slow backend: slow work.
+    return isinstance(source, (str, bytes, os.PathLike))
 
 
 def _prepare(directory: Directory, wait: bool) -> tuple[int, Any, int]:

@@ -22,7 +22,7 @@ from typing import Literal, TypeGuard, get_args
 from .._durable import temp_name, unlink_quietly
 from .._flock import try_lock_exclusive
 from ._directory import Directory
-from ._record import OPEN_FLAGS, QUEUED, LedgerBusy, read_record
+from ._record import IDENT_XATTR, OPEN_FLAGS, QUEUED, LedgerBusy, read_record
 from ._source import Version
 
 __all__ = ("Mode", "Probe", "ProbeKind", "discard", "is_mode", "probe")
@@ -146,6 +146,7 @@ def _take_cached(directory: Directory, p: Probe, version: Version) -> bool:
             or not stat.S_ISREG(st.st_mode)
             or st.st_size != version.size
             or st.st_mtime_ns != version.mtime_ns
+            or not _same_ident(fd, version)
         ):
             return False
         with contextlib.suppress(OSError):
@@ -158,6 +159,17 @@ def _take_cached(directory: Directory, p: Probe, version: Version) -> bool:
     p.data_fd = fd
     p.kind = "cache"
     return True
+
+
+def _same_ident(fd: int, version: Version) -> bool:
+    """Is the cached copy open on ``fd`` of ``version`` (its `IDENT_XATTR`)?"""
+    want = version.ident_hash
+    if not want:
+        return True  # a Source object: size and mtime are all there is
+    try:
+        return os.getxattr(fd, IDENT_XATTR) == want.to_bytes(8, "big")
+    except OSError:
+        return False  # published before idents (or without xattrs): outdated
 
 
 def _probe_busy(directory: Directory, p: Probe, version: Version) -> None:
@@ -179,7 +191,11 @@ def _probe_busy(directory: Directory, p: Probe, version: Version) -> None:
             rec = read_record(p.lock_fd)
             if rec is None or rec.part_ino != st.st_ino:
                 kind = "wait"  # a copier is starting, or a dead part is being replaced
-            elif (rec.size, rec.mtime_ns) != (version.size, version.mtime_ns):
+            elif (rec.size, rec.mtime_ns, rec.ident) != (
+                version.size,
+                version.mtime_ns,
+                version.ident_hash,
+            ):
                 kind = "source"  # another version is being copied
             elif live:
                 kind = "follow"

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 __all__ = (
     "FINAL_NAME",
+    "IDENT_XATTR",
     "OPEN_FLAGS",
     "QUEUED",
     "RECORD_SIZE",
@@ -60,14 +61,24 @@ def entry_name(key: str) -> str:
 # --------------------------------------------------------------------------
 # The record in an entry's lock file: what is being copied, and how far
 #
-# 64 bytes at offset 0.  The progress counter is stored twice (the second
+# 72 bytes at offset 0.  The progress counter is stored twice (the second
 # copy XOR a mask) and the rest carries a CRC: a follower reads it without a
-# lock while the copier rewrites it, and must recognize a torn read.
+# lock while the copier rewrites it, and must recognize a torn read.  The
+# version is size, mtime and ``ident`` (`Version.ident_hash`: a local file's
+# inode and ctime).  Records of the first format (``ATSCOPY1``, 64 bytes,
+# without ident) read as none: their copy is not followed, and the part they
+# name is replaced by the next copier.
+#
+# A published copy carries its version's ident in the extended attribute
+# `IDENT_XATTR` (set on the part just before its rename, so it moves with
+# the inode): a cached copy without it, or with another, is outdated.
 
-_RECORD = struct.Struct("<QQ8sQqQQI4x")
+_RECORD = struct.Struct("<QQ8sQqQQQI4x")
 _PROGRESS = struct.Struct("<QQ")
 _MASK = 0x5A5A_5A5A_5A5A_5A5A
-_MAGIC = b"ATSCOPY1"
+_MAGIC = b"ATSCOPY2"
+#: The extended attribute that names a cached copy's version (its ident hash).
+IDENT_XATTR = "user.atempstore.ident"
 RECORD_SIZE = _RECORD.size
 #: The progress of a copy still queued for a copy slot in its process: its
 #: followers read from the source meanwhile, as its local readers do.
@@ -81,10 +92,13 @@ class Record:
     mtime_ns: int
     part_ino: int
     reserved: int
+    ident: int = 0
 
 
 def write_record(fd: int, rec: Record) -> None:
-    body = struct.pack("<8sQqQQ", _MAGIC, rec.size, rec.mtime_ns, rec.part_ino, rec.reserved)
+    body = struct.pack(
+        "<8sQqQQQ", _MAGIC, rec.size, rec.mtime_ns, rec.part_ino, rec.reserved, rec.ident
+    )
     raw = _PROGRESS.pack(rec.progress, rec.progress ^ _MASK) + body
     os.pwrite(fd, raw + struct.pack("<I4x", zlib.crc32(body)), 0)
 
@@ -103,12 +117,12 @@ def read_record(fd: int) -> Record | None:
         raw = os.pread(fd, RECORD_SIZE, 0)
         if len(raw) < RECORD_SIZE:
             return None
-        progress, check, magic, size, mtime_ns, ino, reserved, crc = _RECORD.unpack(raw)
+        progress, check, magic, size, mtime_ns, ino, reserved, ident, crc = _RECORD.unpack(raw)
         if magic != _MAGIC:
             return None
-        if crc != zlib.crc32(raw[16:56]) or progress ^ _MASK != check:
+        if crc != zlib.crc32(raw[16:64]) or progress ^ _MASK != check:
             continue  # read while being rewritten: read again
-        return Record(progress, size, mtime_ns, ino, reserved)
+        return Record(progress, size, mtime_ns, ino, reserved, ident)
     return None
 
 

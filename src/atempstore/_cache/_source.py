@@ -1,17 +1,20 @@
 """Where the cache copies from: the public `Source` protocol and its origins.
 
 An *origin* is a source resolved in a worker thread: its key, its `Version`
-(size and mtime) and reads checked against that version, so that nothing of a
-changed source is ever published.  `PathOrigin` is a local file (one fd,
-copied in the kernel); `ObjectOrigin` wraps any `Source` object.  Remote
-origins (an HTTP origin, an fsspec file system, with an ``etag`` validator and
-a bulk streaming read) belong here too: the copier and the sessions see only
-`Origin`.
+(size, mtime and, for a local file, its identity: device, inode and ctime)
+and reads checked against that version, so that nothing of a changed source
+is ever published.  `stat_source` is the same resolution without a reader:
+what `FileCache.stat` answers (HEAD, conditional requests) without a copy.
+`PathOrigin` is a local file (one fd, copied in the kernel); `ObjectOrigin`
+wraps any `Source` object.  Remote origins (an HTTP origin, an fsspec file
+system, with an ``etag`` validator and a bulk streaming read) belong here
+too: the copier and the sessions see only `Origin`.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -21,7 +24,9 @@ from .._errors import SourceChangedError
 from ._fd import SharedFd, pread_exact, pwrite_all
 
 __all__ = (
+    "HEAD_SIZE",
     "CacheFailed",
+    "FileInfo",
     "ObjectOrigin",
     "Origin",
     "PathOrigin",
@@ -30,7 +35,12 @@ __all__ = (
     "changed",
     "mtime_to_ns",
     "origin_for",
+    "stat_source",
 )
+
+#: How much of a local file's start an open remembers, to tell a file that
+#: grew by appending from one rewritten in place (see `PathOrigin.check`).
+HEAD_SIZE = 4096
 
 #: How `PathOrigin` copies in the kernel: it falls back step by step where a
 #: kernel or file system refuses one.
@@ -92,10 +102,55 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class Version:
-    """What makes two states of a source the same file: its size and mtime."""
+    """What makes two states of a source the same file.
+
+    Its size and mtime, and ``ident``: for a local file its device, inode and
+    ctime, so that a file replaced with the same size and mtime (``cp -p``,
+    ``rsync -t``, ``touch -r``: each gives a new inode or a new ctime) is
+    another version; empty for a `Source` object, which has only size and mtime.
+    """
 
     size: int
     mtime_ns: int
+    ident: str = ""
+
+    @property
+    def ident_hash(self) -> int:
+        """``ident`` in 64 bits, as the on-disk record and a cached copy keep it; 0 for none."""
+        if not self.ident:
+            return 0
+        return int.from_bytes(hashlib.blake2b(self.ident.encode(), digest_size=8).digest(), "big")
+
+    @property
+    def etag(self) -> str:
+        """The strong HTTP validator of this version."""
+        tag = f"{self.size:x}-{self.mtime_ns:x}"
+        return f'"{tag}-{self.ident_hash:016x}"' if self.ident else f'"{tag}"'
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What `FileCache.stat` tells of a source, and `CachedFile.info` of an open one.
+
+    ``etag`` is a strong validator that changes with any of size, mtime and a
+    local file's identity (inode, ctime).
+
+    Example:
+        ```python
+        info = await cache.stat("/srv/media/video.mp4")
+        print(info.size, info.mtime, info.etag)
+        ```
+    """
+
+    key: str
+    size: int
+    mtime: float
+    mtime_ns: int
+    etag: str
+
+    @classmethod
+    def of(cls, key: str, version: Version, mtime: float) -> FileInfo:
+        return cls(key, version.size, mtime, version.mtime_ns, version.etag)
 
 
 def mtime_to_ns(mtime: float) -> int:
@@ -181,9 +236,11 @@ class PathOrigin(Origin):
         self.path = os.fspath(path)
         self.fd: SharedFd | None = None
         self._ident = (0, 0)
+        #: The first `HEAD_SIZE` bytes of the version (None: not read, `stat_source`).
+        self._head: bytes | None = None
         self._method: _KernelCopy = "range" if hasattr(os, "copy_file_range") else "send"
 
-    def resolve(self) -> None:  # in a worker thread
+    def resolve(self, head: bool = True) -> None:  # in a worker thread
         real = os.path.realpath(self.path)
         # O_NONBLOCK: opening a FIFO must not hang the thread (it is refused
         # below); on a regular file the flag changes nothing.
@@ -196,18 +253,47 @@ class PathOrigin(Origin):
                 )
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "only regular files can be cached; pass a file", real)
+            first: bytes | None = None
+            if head:
+                first = pread_exact(fd, min(HEAD_SIZE, st.st_size), 0)
+                again = os.fstat(fd)
+                if _version(again) != _version(st):
+                    # Changed while we read its start: take the later state, whose
+                    # start we do not know (a growth of it will count as a change).
+                    st, first = again, None
+                self._head = first
         except BaseException:
             os.close(fd)  # here, in the thread: the caller never sees this fd
             raise
         self.fd = SharedFd(fd)
         self.key = real
         self._ident = (st.st_dev, st.st_ino)
-        self.version = Version(st.st_size, st.st_mtime_ns)
+        self.version = _version(st)
         self.mtime = st.st_mtime_ns / 1e9
 
     def _fstat_matches(self, fd: int) -> bool:
         st = os.fstat(fd)
-        return Version(st.st_size, st.st_mtime_ns) == self.version
+        if _version(st) == self.version:
+            return True
+        return self._only_grew(fd, st.st_size)
+
+    def _only_grew(self, fd: int, size: int) -> bool:
+        """Did the file only grow since its version (a log being appended)?
+
+        Our fd is the version's inode, so a replacement by rename never gets
+        here; what changed is this file's content.  It counts as growth when
+        it is strictly longer than the version and still starts with the
+        version's first `HEAD_SIZE` bytes: an append moves only the end,
+        while a rewrite in place (truncate and write, ``cp`` over it) starts
+        again at offset 0, and is seen as soon as its size is back past ours.
+        A rewrite that keeps the same size, or one whose new start equals the
+        old one, and which stays longer, is not told from growth: the limit,
+        documented in docs/cache.md.
+        """
+        head = self._head
+        if head is None or size <= self.version.size:
+            return False
+        return pread_exact(fd, len(head), 0) == head
 
     def check(self) -> None:
         assert self.fd is not None
@@ -303,6 +389,28 @@ class ObjectOrigin(Origin):
             return bytes(self.source.pread(offset, n))
         except FileNotFoundError:
             raise changed("vanished", self.key) from None
+
+
+def _version(st: os.stat_result) -> Version:
+    # ctime moves with every write, chmod and utime (touch -r restores the
+    # mtime, never the ctime); the inode changes with a replacement by rename.
+    return Version(st.st_size, st.st_mtime_ns, f"{st.st_dev:x}:{st.st_ino:x}:{st.st_ctime_ns:x}")
+
+
+def stat_source(source: Source | str | os.PathLike[str]) -> FileInfo:
+    """What a source is now, without reading or copying it (in a worker thread).
+
+    Raises what resolving it raises: ``FileNotFoundError``, ``IsADirectoryError``...
+    """
+    origin = origin_for(source)
+    try:
+        if isinstance(origin, PathOrigin):
+            origin.resolve(head=False)
+        else:
+            origin.resolve()
+        return FileInfo.of(origin.key, origin.version, origin.mtime)
+    finally:
+        origin.close()
 
 
 def origin_for(source: Source | str | os.PathLike[str]) -> Origin:
