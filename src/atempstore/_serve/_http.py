@@ -1,13 +1,14 @@
 """HTTP semantics for serving one file, as plain functions: no loop, no server.
 
 Everything here is a decision made from a request's method and headers and a
-file's size and mtime: the validators (ETag, Last-Modified), the conditional
-requests of RFC 9110 13.2.2 (304 / 412), one ``Range`` and ``If-Range``
-(206 / 416), the media type, and the status an `OSError` maps to.  They are
-apart from the app so that they can be tested on their own and so that the
-web layer of issue 13 (a ``CachedFileResponse`` a handler returns, SPEC §8)
-answers with exactly the same rules as ``atempstore serve``: it calls
-`answer` with what it knows of its file and sends what that says.
+file's size, mtime and ETag: the validators (ETag, Last-Modified), the
+conditional requests of RFC 9110 13.2.2 (304 / 412), ``Range`` (one range, or
+several as ``multipart/byteranges``) and ``If-Range`` (206 / 416), the media
+type, ``Content-Disposition``, and the status an `OSError` maps to.  They are
+apart from the app so that they can be tested on their own, and so that
+`CachedFileResponse` (``_response``, what a user's handler returns) and
+``atempstore serve`` answer with exactly the same rules: each calls `answer`
+with what it knows of its file and sends what that says.
 
 Request headers are Starlette's `Headers` (case-insensitive, repeated fields
 kept); this module only reads them, so it imports Starlette for type checking
@@ -21,6 +22,8 @@ import email.utils
 import errno
 import mimetypes
 import re
+import secrets
+import urllib.parse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,16 +31,24 @@ if TYPE_CHECKING:
     from starlette.datastructures import Headers
 
 __all__ = (
+    "MAX_RANGES",
     "Answer",
+    "Part",
     "Unsatisfiable",
     "answer",
+    "content_disposition",
     "error_status",
     "etag",
     "http_date",
     "media_type",
     "parse_range",
+    "parse_ranges",
     "parse_size",
 )
+
+#: More ranges than this in one request are answered with the whole file
+#: (a request for thousands of tiny ranges costs the server, not the client).
+MAX_RANGES = 100
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*", re.ASCII)
@@ -69,6 +80,21 @@ def etag(size: int, mtime_ns: int) -> str:
     # The same as CachedFile.etag (a test holds them equal), computed here so
     # that HEAD and 304 answers never start a copy.
     return f'"{size:x}-{mtime_ns:x}"'
+
+
+def content_disposition(kind: str, filename: str) -> str:
+    """``attachment; filename="x"``, with an RFC 5987 ``filename*`` for a name not in ASCII.
+
+    The plain ``filename`` is an ASCII stand-in for old clients (each other
+    character an ``_``); ``filename*`` carries the name as UTF-8.
+    """
+    ascii_ = "".join(c if 32 <= ord(c) < 127 else "_" for c in filename)
+    plain = ascii_.replace("\\", "\\\\").replace('"', '\\"')
+    value = f'{kind}; filename="{plain}"'
+    if ascii_ != filename:
+        encoded = urllib.parse.quote(filename.encode("utf-8", "surrogateescape"), safe="")
+        value += f"; filename*=UTF-8''{encoded}"
+    return value
 
 
 def http_date(seconds: int) -> str:
@@ -122,6 +148,61 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise Unsatisfiable
     return start, size if not last else min(int(last) + 1, size)
+
+
+_SPEC = re.compile(r"\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII)
+_UNIT = re.compile(r"\s*bytes\s*=", re.ASCII | re.IGNORECASE)
+
+
+def parse_ranges(value: str | None, size: int) -> list[tuple[int, int]] | None:
+    """The ``[start, stop)`` spans a ``Range`` asks for, sorted, overlapping and
+    adjacent ones merged; None to send the whole file.
+
+    None for no header, a malformed one (RFC 9110 14.2: ignored) and one of
+    more than `MAX_RANGES` ranges.  Ranges wholly past the end are dropped;
+    if none is left, `Unsatisfiable` (416).
+
+    Example:
+        ```python
+        parse_ranges("bytes=0-9,5-19,-5", 100)  # [(0, 20), (95, 100)]
+        ```
+    """
+    if not value:
+        return None
+    unit = _UNIT.match(value)
+    if unit is None:
+        return None
+    specs = [part for part in value[unit.end() :].split(",") if part.strip()]
+    if not specs or len(specs) > MAX_RANGES:
+        return None
+    spans: list[tuple[int, int]] = []
+    for spec in specs:
+        match = _SPEC.fullmatch(spec)
+        if match is None:
+            return None
+        first, last = match[1], match[2]
+        if not first:
+            if not last:
+                return None
+            suffix = int(last)
+            if suffix and size:
+                spans.append((max(0, size - suffix), size))
+            continue
+        start = int(first)
+        if last and int(last) < start:
+            return None  # "bytes=9-3" makes the whole header invalid
+        if start < size:
+            spans.append((start, size if not last else min(int(last) + 1, size)))
+    if not spans:
+        raise Unsatisfiable
+    spans.sort()
+    merged = [spans[0]]
+    for start, stop in spans[1:]:
+        if start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def _field(headers: Headers, name: str) -> str | None:
@@ -186,28 +267,56 @@ def _range_applies(headers: Headers, tag: str, mtime: int) -> bool:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One part of a ``multipart/byteranges`` body: its head, then ``[start, stop)``."""
+
+    head: bytes
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class Answer:
     """What to send for a request of one file version.
 
     ``span`` is the ``[start, stop)`` of the file to send as the body, None
-    for no bytes of the file (HEAD, 304, an error).  ``reason`` is set for an
-    error answer (412, 416): its body is that reason as plain text.
+    for no bytes of the file (HEAD, 304, an error, a multipart body).
+    ``parts`` and ``epilogue`` are a ``multipart/byteranges`` body: each
+    part's head then its bytes of the file, then the epilogue (empty for
+    HEAD, which gets the headers only).  ``reason`` is set for an error
+    answer (412, 416): its body is that reason as plain text.
     """
 
     status: int
     headers: tuple[tuple[str, str], ...]
     span: tuple[int, int] | None = None
     reason: str = ""
+    parts: tuple[Part, ...] = ()
+    epilogue: bytes = b""
 
 
-def answer(method: str, headers: Headers, *, size: int, mtime_ns: int, media: str) -> Answer:
+def answer(
+    method: str,
+    headers: Headers,
+    *,
+    size: int,
+    mtime_ns: int,
+    media: str,
+    tag: str | None = None,
+    multipart: bool = False,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> Answer:
     """The answer to ``method`` with request ``headers`` for a file of ``size`` bytes.
 
-    ``media`` is its `media_type`.  The status is 304 or 412 when a
-    precondition decides, 416 for a range past the end (unless ``If-Range``
-    says the client's copy is stale), 206 for one satisfiable range, else 200.
+    ``media`` is its `media_type`, ``tag`` its ETag (`etag` of size and
+    mtime unless given).  The status is 304 or 412 when a precondition
+    decides, 416 for a range past the end (unless ``If-Range`` says the
+    client's copy is stale), 206 for one satisfiable range, else 200.  With
+    ``multipart``, several ranges get a 206 ``multipart/byteranges``
+    (`parse_ranges`); without it they are ignored (200).  ``extra`` fields
+    (``Content-Disposition``...) go with a 200 or 206.
     """
-    tag = etag(size, mtime_ns)
+    tag = tag or etag(size, mtime_ns)
     mtime = mtime_ns // 1_000_000_000
     validators = (("etag", tag), ("last-modified", http_date(mtime)))
     verdict = _preconditions(method, headers, tag, mtime)
@@ -215,24 +324,66 @@ def answer(method: str, headers: Headers, *, size: int, mtime_ns: int, media: st
         return Answer(304, validators)
     if verdict == 412:
         return Answer(412, (), reason="precondition failed")
+    value = _field(headers, "range")
+    spans: list[tuple[int, int]] | None
     try:
-        span = parse_range(_field(headers, "range"), size)
+        if multipart:
+            spans = parse_ranges(value, size)
+        else:
+            one = parse_range(value, size)
+            spans = None if one is None else [one]
     except Unsatisfiable:
-        span = None
+        spans = None
         if _range_applies(headers, tag, mtime):
             return Answer(
                 416, (("content-range", f"bytes */{size}"),), reason="range not satisfiable"
             )
-    if span is not None and not _range_applies(headers, tag, mtime):
-        span = None
-    start, stop = span if span is not None else (0, size)
+    if spans is not None and not _range_applies(headers, tag, mtime):
+        spans = None
+    if spans is not None and len(spans) > 1:
+        return _multipart(method, size, media, spans, (*validators, *extra))
+    start, stop = spans[0] if spans is not None else (0, size)
     fields = [
         ("content-type", media),
         ("content-length", str(stop - start)),
         ("accept-ranges", "bytes"),
         *validators,
+        *extra,
     ]
-    if span is not None:
+    if spans is not None:
         fields.append(("content-range", f"bytes {start}-{stop - 1}/{size}"))
     body = (start, stop) if method != "HEAD" and start < stop else None
-    return Answer(206 if span is not None else 200, tuple(fields), body)
+    return Answer(206 if spans is not None else 200, tuple(fields), body)
+
+
+def _multipart(
+    method: str,
+    size: int,
+    media: str,
+    spans: list[tuple[int, int]],
+    fields: tuple[tuple[str, str], ...],
+) -> Answer:
+    """A 206 ``multipart/byteranges`` of ``spans`` (RFC 9110 14.6)."""
+    boundary = secrets.token_hex(12)
+    parts = tuple(
+        Part(
+            (
+                ("\r\n" if i else "") + f"--{boundary}\r\ncontent-type: {media}\r\n"
+                f"content-range: bytes {start}-{stop - 1}/{size}\r\n\r\n"
+            ).encode("latin-1"),
+            start,
+            stop,
+        )
+        for i, (start, stop) in enumerate(spans)
+    )
+    epilogue = f"\r\n--{boundary}--\r\n".encode("latin-1")
+    length = sum(len(p.head) + p.stop - p.start for p in parts) + len(epilogue)
+    head = (
+        ("content-type", f"multipart/byteranges; boundary={boundary}"),
+        ("content-length", str(length)),
+        ("accept-ranges", "bytes"),
+        *fields,
+    )
+    if method == "HEAD":
+        return Answer(206, head)
+    return Answer(206, head, parts=parts, epilogue=epilogue)
