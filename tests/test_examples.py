@@ -60,6 +60,26 @@ def test_web_handler_uploads_and_downloads() -> None:
     assert out.rstrip().endswith("all as expected"), out
     assert "PUT /files/data.bin (24 MiB, with its sha256)    -> 201" in out
     assert "with Range: bytes=1000-1999  -> 206" in out
+    assert "with Range: bytes=0-9,-10    -> 206" in out  # multipart/byteranges
+    assert "with If-None-Match: *        -> 304" in out
+
+
+def test_web_handler_writes_no_http_of_its_own() -> None:
+    # Ranges, validators and conditional requests are CachedFileResponse's.
+    text = (EXAMPLES / "web_handler.py").read_text()
+    assert "CachedFileResponse(" in text
+    for handwritten in ("StreamingResponse", "content-range", "RANGE", "bytes="):
+        assert handwritten not in text.split("# -- running it")[0], handwritten
+
+
+def test_fastapi_app_serves_downloads_with_cached_file_response() -> None:
+    pytest.importorskip("fastapi")
+    out = run_example("fastapi_app.py")
+    assert out.rstrip().endswith("all as expected"), out
+    assert "HEAD /downloads/video.mp4 (HEAD: no copy)" in out
+    assert "Range: bytes=-1000        -> 206" in out
+    assert "If-None-Match: its ETag   -> 304" in out
+    assert "/downloads/missing.bin                         -> 404" in out
 
 
 def test_web_handler_publishes_uploads_across_file_systems(tmp_path: Path) -> None:
