@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -433,3 +435,38 @@ async def test_an_in_place_rewrite_never_yields_mixed_bytes(
         assert kind == "cut" or n == length
     # Each way was seen: the whole old version from the cache, a cut from the source.
     assert {kind for kind, _, _ in outcomes} == {"whole" if max_size > size else "cut"}
+
+
+def test_atempstore_imports_without_starlette_and_web_says_what_to_install() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['starlette'] = None  # as if the serve extra were not installed\n"
+        "import atempstore\n"
+        "assert 'atempstore.web' not in sys.modules\n"
+        "try:\n"
+        "    import atempstore.web\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert "pip install 'atempstore[serve]'" in out.stdout, out
+
+
+async def test_a_client_that_goes_away_mid_body_is_one_quiet_line(
+    root: Path, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="atempstore.web")
+    (root / "big.bin").write_bytes(os.urandom(32 * MiB))
+    async with httpx.AsyncClient() as client, client.stream("GET", url + "big.bin") as r:
+        async for _ in r.aiter_raw():
+            break  # leave after the first chunk
+    for _ in range(200):
+        if any("went away" in rec.getMessage() for rec in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+    messages = [rec.getMessage() for rec in caplog.records if rec.name == "atempstore.web"]
+    assert any("the client went away" in m for m in messages), messages
+    assert not any(rec.exc_info for rec in caplog.records)

@@ -288,7 +288,7 @@ class PathOrigin(Origin):
         again at offset 0, and is seen as soon as its size is back past ours.
         A rewrite that keeps the same size, or one whose new start equals the
         old one, and which stays longer, is not told from growth: the limit,
-        documented in docs/cache.md.
+        documented in docs/web.md.
         """
         head = self._head
         if head is None or size <= self.version.size:
