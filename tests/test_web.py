@@ -470,3 +470,27 @@ async def test_a_client_that_goes_away_mid_body_is_one_quiet_line(
     messages = [rec.getMessage() for rec in caplog.records if rec.name == "atempstore.web"]
     assert any("the client went away" in m for m in messages), messages
     assert not any(rec.exc_info for rec in caplog.records)
+
+
+async def test_the_response_tells_its_mode_and_note_for_an_access_log(
+    cache: FileCache, root: Path
+) -> None:
+    (root / "m.bin").write_bytes(os.urandom(MiB))
+    made: list[CachedFileResponse] = []
+
+    async def handler(request: Request) -> Response:
+        made.append(CachedFileResponse(cache, root / "m.bin"))
+        return made[-1]
+
+    served = await start(Starlette(routes=[Route("/m", handler, methods=["GET", "HEAD"])]))
+    try:
+        async with httpx.AsyncClient() as client:
+            await client.head(served.url + "/m")
+            first = await client.get(served.url + "/m")
+            async with cache.open(root / "m.bin") as f:
+                assert await f.wait_cached()
+            await client.get(served.url + "/m")
+    finally:
+        await stop(served)
+    assert first.status_code == 200
+    assert [(r.mode, r.note) for r in made] == [("", ""), ("copy", ""), ("cache", "")]

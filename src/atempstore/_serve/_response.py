@@ -113,6 +113,10 @@ class CachedFileResponse(Response):
         self.body = b""
         self.extra = tuple((k.lower(), v) for k, v in (headers or {}).items())
         self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.extra]
+        #: After the call, for an access log: the cache mode the body came in
+        #: (``""`` if no body was read) and what went wrong, if anything.
+        self.mode = ""
+        self.note = ""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = str(scope.get("method", "GET"))
@@ -133,6 +137,7 @@ class CachedFileResponse(Response):
                 await _plain(send, method, *error_status(exc))
                 break
         else:
+            self.note = "the file keeps changing"
             log.warning("%s: the file keeps changing; answered 503", _key(self.source))
             await _plain(send, method, 503, "the file keeps changing; try again")
         if self.background is not None:
@@ -181,7 +186,9 @@ class CachedFileResponse(Response):
                 await _headers_only(send, method, said)
                 return True
             status = self.status_code if said.status == 200 else said.status
-            return await _stream(f, said, status, scope, receive, send)
+            self.mode = f.mode
+            self.note = await _stream(f, said, status, scope, receive, send)
+            return True
         finally:
             await f.aclose()
 
@@ -222,8 +229,11 @@ async def _start(send: Send, status: int, fields: tuple[tuple[str, str], ...], n
 
 async def _stream(
     f: CachedFile, said: Answer, status: int, scope: Scope, receive: Receive, send: Send
-) -> bool:
-    """Send the answer's bytes of ``f``; False if ``f`` changed before the headers went out."""
+) -> str:
+    """Send the answer's bytes of ``f``; returns a note ("" if all went out).
+
+    Raises `SourceChangedError` if ``f`` changed before the headers went out.
+    """
     pieces: list[tuple[bytes, int, int]] = (
         [(p.head, p.start, p.stop) for p in said.parts]
         if said.parts
@@ -246,9 +256,10 @@ async def _stream(
             raise _Cut("the client went away") from None
 
     changed: SourceChangedError | None = None
+    gone = finished = False
 
     async def body() -> None:
-        nonlocal changed
+        nonlocal changed, gone, finished
         pieces[0] = (head + first, start + len(first), stop)
         try:
             for prefix, begin, end in pieces:
@@ -259,12 +270,14 @@ async def _stream(
                     async for chunk in chunks:
                         await out(chunk)
             await send({"type": "http.response.body", "body": said.epilogue, "more_body": False})
+            # The server may say http.disconnect as soon as the response is
+            # complete: that is no client going away.
+            finished = True
         except _Cut:
-            pass
+            gone = True
         except SourceChangedError as exc:
             changed = exc
 
-    gone = False
     async with anyio.create_task_group() as group:
         if spec < (2, 4):
             # Before ASGI 2.4 a send to a closed connection is dropped
@@ -273,8 +286,9 @@ async def _stream(
                 nonlocal gone
                 while (await receive())["type"] != "http.disconnect":
                     pass
-                gone = True
-                group.cancel_scope.cancel()
+                if not finished:
+                    gone = True
+                    group.cancel_scope.cancel()
 
             group.start_soon(watch)
         await body()
@@ -282,6 +296,8 @@ async def _stream(
     if changed is not None:
         # Headers are out: a cut connection is the only honest signal left.
         log.warning("%s: response cut, the source changed: %s", f.key, changed)
+        return f"aborted: {changed}"
     if gone:
         log.info("%s: the client went away", f.key)
-    return True
+        return "client went away"
+    return ""
