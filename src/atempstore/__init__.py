@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from ._atomic import open_atomic as open_atomic
 from ._cache import CachedFile as CachedFile
 from ._cache import FileCache as FileCache
+from ._cache import FileInfo as FileInfo
 from ._cache import Source as Source
 from ._errors import AlreadyLocked as AlreadyLocked
 from ._errors import AtempstoreError as AtempstoreError
@@ -52,6 +53,7 @@ __all__ = (
     "CachedFile",
     "CleanResult",
     "FileCache",
+    "FileInfo",
     "FileStore",
     "InvalidNameError",
     "Lock",

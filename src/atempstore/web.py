@@ -37,7 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         "atempstore.web needs the serve extra: pip install 'atempstore[serve]'"
     ) from exc
 
+from ._serve import CachedFileResponse as CachedFileResponse
 from ._serve import create_app as create_app
-from ._serve._response import CachedFileResponse as CachedFileResponse
 
 __all__ = ("CachedFileResponse", "create_app")

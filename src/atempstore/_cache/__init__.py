@@ -25,6 +25,6 @@ from __future__ import annotations
 
 from ._cachedfile import CachedFile
 from ._filecache import FileCache
-from ._source import Source
+from ._source import FileInfo, Source
 
-__all__ = ("CachedFile", "FileCache", "Source")
+__all__ = ("CachedFile", "FileCache", "FileInfo", "Source")

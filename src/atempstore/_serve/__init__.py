@@ -31,12 +31,14 @@ from ._locate import default_cache_dir as default_cache_dir
 
 if TYPE_CHECKING:
     from ._app import create_app as create_app
+    from ._response import CachedFileResponse as CachedFileResponse
     from ._run import run as run
     from ._server import FileServer as FileServer
     from ._workers import serve_workers as serve_workers
     from ._workers import watch_parent as watch_parent
 
 __all__ = (
+    "CachedFileResponse",
     "FileServer",
     "Unsatisfiable",
     "create_app",
@@ -49,6 +51,7 @@ __all__ = (
 )
 
 _LAZY = {
+    "CachedFileResponse": "._response",
     "FileServer": "._server",
     "create_app": "._app",
     "run": "._run",
