@@ -100,9 +100,10 @@ class CachedFile(AsyncResource):
 
     @property
     def etag(self) -> str:
-        """A strong validator for HTTP: changes whenever size or mtime changes."""
-        version = self._session.version
-        return f'"{version.size:x}-{version.mtime_ns:x}"'
+        """A strong validator for HTTP: changes whenever the version does (size,
+        mtime and, for a local file, its identity: inode and ctime); the same as
+        `info`'s and `FileCache.stat`'s."""
+        return self.info.etag
 
     @property
     def info(self) -> FileInfo:

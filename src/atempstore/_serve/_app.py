@@ -35,19 +35,18 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncGenerator, AsyncIterator
-from typing import cast
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from .. import CachedFile, FileCache
-from .._errors import SourceChangedError
+from .. import FileCache
 from .._threads import run_sync
-from ._http import Answer, answer, error_status, etag
+from ._http import error_status
 from ._locate import File, Listing, Refused, check_dirs, locate
+from ._response import CachedFileResponse
 
 __all__ = ("access_line", "create_app", "log")
 
@@ -179,53 +178,6 @@ def _listing(rel: str, found: Listing, ex: _Exchange) -> Response:
     return _whole(HTMLResponse, page, 200, ex)
 
 
-async def _stream(ex: _Exchange, f: CachedFile, said: Answer) -> None:
-    """Send ``said.span`` of ``f``; stop early (and say so) if the client leaves."""
-    assert said.span is not None
-    # iter_bytes is an async generator: closed below, not at GC time.
-    chunks = cast("AsyncGenerator[bytes, None]", f.iter_bytes(*said.span))
-    finished = False
-
-    async def body() -> AsyncIterator[bytes]:
-        nonlocal finished
-        try:
-            async for chunk in chunks:
-                yield chunk
-                ex.sent += len(chunk)  # once the send of it returned
-        except SourceChangedError as exc:
-            # Headers are out: the only honest signal left is a cut connection
-            # (the client sees fewer bytes than Content-Length), never other bytes.
-            ex.note = f"aborted: {exc}"
-            raise
-        finished = True
-
-    async def receive() -> Message:
-        # uvicorn (ASGI 2.3) drops sends to a closed connection silently: the
-        # only news of a client that hung up is the http.disconnect that
-        # StreamingResponse listens for (and then cancels the stream).
-        message = await ex.receive()
-        if message["type"] == "http.disconnect" and not finished:
-            ex.note = "client went away"
-        return message
-
-    stream = cast("AsyncGenerator[bytes, None]", body())
-    ex.status = said.status
-    ex.started = True
-    try:
-        await StreamingResponse(stream, said.status, headers=dict(said.headers))(
-            ex.scope, receive, ex.send
-        )
-    except SourceChangedError:
-        # An expected event, told by the note: returning without the end of
-        # the body makes the server close the connection, and no traceback.
-        pass
-    finally:
-        finished = True
-        # A cancelled stream leaves both generators suspended where it stopped.
-        await stream.aclose()
-        await chunks.aclose()
-
-
 class _Endpoint:
     """The ASGI app behind the one route: GET and HEAD of the files under DIR."""
 
@@ -306,38 +258,26 @@ class _Endpoint:
         await _plain(ex, 503, "the file keeps changing; try again", retry=True)
 
     async def _file(self, ex: _Exchange, found: File, headers: Headers) -> bool:
-        """Answer for ``found``; False if it changed before the cache opened it."""
-        said = answer(
-            ex.scope["method"],
-            headers,
-            size=found.size,
-            mtime_ns=found.mtime_ns,
-            media=found.media_type,
-        )
-        if said.reason:
-            await _plain(ex, said.status, said.reason, extra=said.headers, note=said.status == 416)
-            return True
-        if said.span is None:
-            # Headers only: no reason to open the cache (and start a copy).
-            await ex.reply(Response(status_code=said.status, headers=dict(said.headers)))
-            return True
-        try:
-            f = await self.state.cache.open(found.path)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, SourceChangedError):
-            return False  # gone, replaced or changing since we looked: look again
-        except OSError as exc:
-            status, reason = error_status(exc)
-            await _plain(ex, status, reason)
-            return True
-        try:
-            if f.key != found.path or f.etag != etag(found.size, found.mtime_ns):
-                # The cache opened another file or version than we checked
-                # (replaced meanwhile): never serve what was not checked.
-                return False
-            ex.mode = f.mode
-            await _stream(ex, f, said)
-        finally:
-            await f.aclose()
+        """Answer for ``found`` with the web layer's `CachedFileResponse`: the
+        server is built on exactly what users' handlers return."""
+        del headers  # the response reads them from the scope itself
+        response = CachedFileResponse(self.state.cache, found.path, media_type=found.media_type)
+
+        async def send(message: Message) -> None:
+            # Counted for the access line: the status once it is out, and the
+            # body bytes once each send of them returned.
+            if message["type"] == "http.response.start":
+                ex.status = message["status"]
+                ex.started = True
+                await ex.send(message)
+            elif message["type"] == "http.response.body":
+                await ex.send(message)
+                ex.sent += len(message.get("body", b""))
+            else:
+                await ex.send(message)
+
+        await response(ex.scope, ex.receive, send)
+        ex.mode, ex.note = response.mode, response.note or ex.note
         return True
 
 

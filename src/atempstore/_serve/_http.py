@@ -76,9 +76,9 @@ def media_type(name: str) -> str:
 
 
 def etag(size: int, mtime_ns: int) -> str:
-    """The strong validator of a file version."""
-    # The same as CachedFile.etag (a test holds them equal), computed here so
-    # that HEAD and 304 answers never start a copy.
+    """A strong validator from size and mtime alone, for a version that has no
+    identity of its own (a `Source` object); a local file's ETag also carries
+    its identity (`FileInfo.etag`)."""
     return f'"{size:x}-{mtime_ns:x}"'
 
 
