@@ -315,6 +315,62 @@ async def test_same_source_in_two_caches_is_copied_once_and_followed(
             assert f.mode == "cache"
 
 
+class GatedSource(MemorySource):
+    """A `MemorySource` whose reads past the first chunk wait for ``gate``."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.gate = threading.Event()
+
+    def pread(self, offset: int, n: int) -> bytes:
+        if offset > 0:
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().pread(offset, n)
+
+
+async def test_follower_that_reads_the_progress_only_after_publication_ends_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copier downgrades the part's lock (waking the followers) and then
+    publishes; a follower on a busy machine reads the progress only after
+    that.  It used to find the record cleared and end uncached (1 in 4 runs of
+    the two-process test at load average 9).  Here every read of the progress
+    by the follower waits for the publication: the interleaving is forced."""
+    from atempstore._cache import _directory, _record, _session
+
+    published = threading.Event()
+    real_publish = _directory.Directory.publish
+    real_read_progress = _record.read_progress  # what _session calls
+
+    def publish(self: _directory.Directory, name: str, lock_fd: int) -> None:
+        real_publish(self, name, lock_fd)
+        published.set()
+
+    def read_progress_late(fd: int) -> int | None:
+        assert published.wait(30), "the copy was never published"
+        return real_read_progress(fd)
+
+    monkeypatch.setattr(_directory.Directory, "publish", publish)
+    monkeypatch.setattr(_session, "read_progress", read_progress_late)
+    data = os.urandom(2 * MiB)
+    source = GatedSource(data)
+    async with (
+        FileCache(tmp_path / "c", max_size=64 * MiB) as one,
+        FileCache(tmp_path / "c", max_size=64 * MiB) as two,
+    ):
+        async with one.open(source) as f1:
+            await f1.read(0, 1)  # the copy holds the part, stopped at the gate
+            async with two.open(source) as f2:
+                assert (f1.mode, f2.mode) == ("copy", "follow")
+                source.gate.set()
+                assert await f1.wait_cached()
+                assert await f2.wait_cached()
+                assert f2.mode == "cache"
+                assert await read_all(f2) == data
+        assert (two.stats()["followed"], two.stats()["source_bytes"]) == (1, 0)
+        assert source.bytes_read == len(data)
+
+
 async def test_follower_of_a_queued_copy_reads_from_the_source_meanwhile(
     tmp_path: Path,
 ) -> None:
@@ -909,6 +965,7 @@ def test_the_copy_record_round_trips_and_a_torn_read_is_recognized(tmp_path: Pat
         clear_record,
         read_progress,
         read_record,
+        retire_record,
         write_progress,
         write_record,
     )
@@ -933,8 +990,14 @@ def test_the_copy_record_round_trips_and_a_torn_read_is_recognized(tmp_path: Pat
         # The body torn: its CRC no longer matches.
         os.pwrite(fd, b"\xff", 30)
         assert read_record(fd) is None
+        # A published copy's record ends, but its counter still says "complete".
+        write_record(fd, Record(5 * MiB, 5 * MiB, rec.mtime_ns, 4242, 5 * MiB))
+        retire_record(fd)
+        assert read_record(fd) is None
+        assert read_progress(fd) == 5 * MiB
         clear_record(fd)
         assert read_record(fd) is None
+        assert read_progress(fd) is None
         assert os.pread(fd, RECORD_SIZE, 0) == bytes(RECORD_SIZE)
     finally:
         os.close(fd)
@@ -979,7 +1042,7 @@ def test_directory_probe_copier_publish_without_a_loop(tmp_path: Path) -> None:
     from atempstore._cache._directory import Directory
     from atempstore._cache._fd import SharedFd
     from atempstore._cache._probe import Probe, discard, probe
-    from atempstore._cache._record import entry_name, read_record
+    from atempstore._cache._record import entry_name, read_progress, read_record
     from atempstore._cache._source import PathOrigin
     from atempstore._cache._stats import Stats
 
@@ -1035,7 +1098,8 @@ def test_directory_probe_copier_publish_without_a_loop(tmp_path: Path) -> None:
         discard(directory, hit)
         lock_fd = os.open(directory.lock_path(name), os.O_RDONLY)
         try:
-            assert read_record(lock_fd) is None  # published: the record was cleared
+            assert read_record(lock_fd) is None  # published: the record is over
+            assert read_progress(lock_fd) == len(data)  # for followers still to read it
         finally:
             os.close(lock_fd)
         snapshot = stats.snapshot()

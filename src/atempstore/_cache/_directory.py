@@ -32,6 +32,7 @@ from ._record import (
     Record,
     clear_record,
     read_record,
+    retire_record,
     write_record,
 )
 from ._source import Version
@@ -128,7 +129,9 @@ class Directory:
                 )
         with self.ledger.held():
             os.replace(self.part_path(name), self.final(name))
-            clear_record(lock_fd)
+            # Not `clear_record`: followers yet to read the final progress
+            # must still find it (see `retire_record`).
+            retire_record(lock_fd)
 
     def cancel(self, name: str, lock_fd: int, reserved: int, wait: bool = True) -> None:
         """Drop an unfinished part and give its reserved space back."""

@@ -41,6 +41,7 @@ __all__ = (
     "entry_name",
     "read_progress",
     "read_record",
+    "retire_record",
     "write_progress",
     "write_record",
 )
@@ -105,6 +106,19 @@ def write_record(fd: int, rec: Record) -> None:
 
 def clear_record(fd: int) -> None:
     os.pwrite(fd, bytes(RECORD_SIZE), 0)
+
+
+def retire_record(fd: int) -> None:
+    """End the record of a published copy but keep its counter.
+
+    A follower learns that the copy is complete from the counter (the full
+    size, written before the copier let go of the part file), and may read it
+    only after the publication: the kernel wakes it when the part's lock is
+    downgraded, but it reads the counter whenever it next gets a CPU.  Zeroing
+    the counter too (`clear_record`) would tell it the copy failed, so only the
+    body goes: `read_record` sees no record, `read_progress` still the size.
+    """
+    os.pwrite(fd, bytes(RECORD_SIZE - _PROGRESS.size), _PROGRESS.size)
 
 
 def write_progress(fd: int, progress: int) -> None:
