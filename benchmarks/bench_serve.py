@@ -375,6 +375,11 @@ def wrk_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 results[f"{label} {key}"] = run_wrk(port, name, args.wrk_duration)
                 print(f"{label} {key}: {results[f'{label} {key}']['req_per_s']:,.0f} req/s")
     modes = count_modes(log)
+    # Both workers accept on one socket: how the connections spread says whether
+    # --workers 2 had two processes' worth of CPU at all.
+    per_worker = [
+        int(n) for n in re.findall(r"worker \d+ stopped: (\d+) requests", log.read_text())
+    ]
 
     rows = []
     for label in WRK_SERVERS:
@@ -413,7 +418,9 @@ def wrk_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         " per request; timeouts are requests not answered within wrk's 2 s)"
     )
     print(f"\natempstore's log lines by cache mode (warm-up and wrk): {modes}")
+    print(f"requests per atempstore worker: {per_worker}")
     return {
+        "requests_per_worker": per_worker,
         "wrk": f"wrk -t2 -c64 -d{args.wrk_duration}s",
         "cores": os.cpu_count(),
         "note": "wrk shares the cores with the server",
