@@ -1433,3 +1433,36 @@ async def test_an_old_cached_copy_and_an_old_record_are_taken_as_stale(tmp_path:
         assert cache.stats()["outdated"] == 1
         async with cache.open(src) as f:
             assert f.mode == "cache"
+
+
+def test_an_append_caught_between_its_mtime_and_its_length_is_still_growth(
+    tmp_path: Path,
+) -> None:
+    # A write() that appends updates mtime and ctime before it moves the end
+    # of the file; a check landing between the two saw a changed file of the
+    # same length and cut a log's download (seen under load).  Reproduced: the
+    # mtime moves first, and the length follows a moment later.
+    from atempstore._cache._source import PathOrigin
+
+    path = tmp_path / "log"
+    path.write_bytes(b"L" * 10_000)
+    origin = PathOrigin(path)
+    origin.resolve()
+    try:
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+        def append_soon() -> None:
+            time.sleep(0.001)
+            with open(path, "ab") as f:
+                f.write(b"more\n")
+
+        appender = threading.Thread(target=append_soon)
+        appender.start()
+        try:
+            origin.check()  # not a change: the length catches up
+        finally:
+            appender.join()
+        assert origin.read_checked(9_990, 10) == b"L" * 10
+    finally:
+        origin.close()

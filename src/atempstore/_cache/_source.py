@@ -17,6 +17,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -126,6 +127,11 @@ class Version:
         """The strong HTTP validator of this version."""
         tag = f"{self.size:x}-{self.mtime_ns:x}"
         return f'"{tag}-{self.ident_hash:016x}"' if self.ident else f'"{tag}"'
+
+
+#: How a same-length change is looked at again (see `PathOrigin._only_grew`).
+_SETTLE_TRIES = 5
+_SETTLE_PAUSE = 0.001
 
 
 @dataclass(frozen=True)
@@ -291,7 +297,20 @@ class PathOrigin(Origin):
         documented in docs/web.md.
         """
         head = self._head
-        if head is None or size <= self.version.size:
+        if head is None:
+            return False
+        if size == self.version.size:
+            # An appending write() updates mtime and ctime *before* it moves
+            # the end of the file, so a check that lands between the two sees
+            # a changed file of the same length (a log cut mid-download, seen
+            # under load).  Look again for a moment before calling it a change:
+            # a same-size rewrite costs this wait, never a wrong answer.
+            for _ in range(_SETTLE_TRIES):
+                time.sleep(_SETTLE_PAUSE)
+                size = os.fstat(fd).st_size
+                if size != self.version.size:
+                    break
+        if size <= self.version.size:
             return False
         return pread_exact(fd, len(head), 0) == head
 
