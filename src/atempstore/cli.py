@@ -1,7 +1,8 @@
 """The ``atempstore`` command: ``serve``, ``clean``, ``sessions``, ``queue``.
 
 Each subcommand lives in its own module under ``_commands`` and registers
-itself with :func:`main`'s parser through ``add_parser``.
+itself with :func:`main`'s parser through its ``NAME``, ``HELP``,
+``DESCRIPTION`` and ``add_arguments``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (serve, clean, sessions, queue):
-        module.add_parser(commands)
+        sub = commands.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
     return parser
 
 

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from .._errors import AtempstoreError
 from .._tempfiles import DEFAULT_GRACE, clean_for_command
 
-__all__ = ("add_parser", "run")
+__all__ = ("DESCRIPTION", "HELP", "NAME", "add_arguments", "run")
 
 
-def add_parser(commands: Any) -> None:
-    """Register ``clean`` with the ``atempstore`` command's subparsers."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "clean",
-        help="remove temp directories left by dead processes",
-        description=(
-            "Remove the per-process temp directories of this user whose process is gone"
-            " (their .lock is not held). Live processes' directories are never touched."
-        ),
-    )
+#: The subcommand's name, its one-line help and its description.
+NAME = "clean"
+HELP = "remove temp directories left by dead processes"
+DESCRIPTION = (
+    "Remove the per-process temp directories of this user whose process is gone"
+    " (their .lock is not held). Live processes' directories are never touched."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``atempstore clean``."""
     parser.add_argument(
         "--prefix",
         default="atempstore",
@@ -48,7 +48,6 @@ def add_parser(commands: Any) -> None:
             " be starting (default: %(default)s)"
         ),
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:

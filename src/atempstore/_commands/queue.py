@@ -11,29 +11,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Any
 
 from .._filestore import AREAS, FileStore, QueueStatus
 
-__all__ = ("add_parser", "run")
+__all__ = ("DESCRIPTION", "HELP", "NAME", "add_arguments", "run")
 
 
-def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "queue",
-        help="show a FileStore queue: counts per area, oldest message, dead consumers' claims",
-        description=(
-            "Show what a FileStore work queue holds: files per area, the age of the oldest"
-            " waiting message and the claims held by consumers that died."
-        ),
-    )
+#: The subcommand's name, its one-line help and its description.
+NAME = "queue"
+HELP = "show a FileStore queue: counts per area, oldest message, dead consumers' claims"
+DESCRIPTION = (
+    "Show what a FileStore work queue holds: files per area, the age of the oldest"
+    " waiting message and the claims held by consumers that died."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", metavar="DIR", help="the store's directory")
     parser.add_argument(
         "--recover",
         action="store_true",
         help="give messages held by dead consumers back to new/ first",
     )
-    parser.set_defaults(handler=run)
 
 
 def _age(seconds: float) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from .._serve import parse_size
 
-__all__ = ("add_parser", "run")
+__all__ = ("DESCRIPTION", "HELP", "NAME", "add_arguments", "run")
 
 
 def _size(text: str) -> int:
@@ -41,16 +41,17 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "serve",
-        help="serve DIR over HTTP through the copy-while-serving cache",
-        description=(
-            "Serve the files under DIR over HTTP (GET, HEAD, Range, ETag, conditional"
-            " requests) through a FileCache: the first download of a file copies it into"
-            " the cache while it streams; later ones come from the cache."
-        ),
-    )
+#: The subcommand's name, its one-line help and its description.
+NAME = "serve"
+HELP = "serve DIR over HTTP through the copy-while-serving cache"
+DESCRIPTION = (
+    "Serve the files under DIR over HTTP (GET, HEAD, Range, ETag, conditional"
+    " requests) through a FileCache: the first download of a file copies it into"
+    " the cache while it streams; later ones come from the cache."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "directory", metavar="DIR", nargs="?", help="the directory to serve (optional with --demo)"
     )
@@ -107,7 +108,6 @@ def add_parser(commands: Any) -> None:
     )
     # A worker of --workers: the listening socket it inherited from its parent.
     parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)
-    parser.set_defaults(handler=run)
 
 
 def _count(text: str) -> int:

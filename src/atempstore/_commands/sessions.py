@@ -14,27 +14,28 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from .._errors import InvalidNameError
 from .._paths import check_name
 from .._session import NEXT_FILE, SessionStorage, SessionStorageRepository
 from .._threads import run_sync
 
-__all__ = ("add_parser", "run")
+__all__ = ("DESCRIPTION", "HELP", "NAME", "add_arguments", "run")
 
 _HEADER = ("ID", "LAST SAVED (UTC)", "SIZE", "STATE")
 
 
-def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "sessions",
-        help="list checkpoint storages (SessionStorage), or break a stale lock",
-        description=(
-            "List the session storages of a repository, youngest first, with when each was"
-            " last saved, its size and whether a save left its lock (session.next) behind."
-        ),
-    )
+#: The subcommand's name, its one-line help and its description.
+NAME = "sessions"
+HELP = "list checkpoint storages (SessionStorage), or break a stale lock"
+DESCRIPTION = (
+    "List the session storages of a repository, youngest first, with when each was"
+    " last saved, its size and whether a save left its lock (session.next) behind."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repository",
         metavar="DIR",
@@ -54,7 +55,6 @@ def add_parser(commands: Any) -> None:
             " into it any more"
         ),
     )
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
