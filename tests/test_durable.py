@@ -19,7 +19,7 @@ from atempstore import _durable
 from tests.conftest import REPO, mounted_tmpfs, require_tool
 
 
-def _traced(code: str, injects: list[str], *args: str) -> subprocess.CompletedProcess[str]:
+def run_traced(code: str, injects: list[str], *args: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -c code`` under ``strace -e inject=...`` (real syscall failures)."""
     strace = require_tool("strace")
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -59,7 +59,7 @@ def test_rename_noreplace_falls_back_to_link_and_unlink(tmp_path: Path, error: s
     # A kernel or filesystem without renameat2(RENAME_NOREPLACE) answers
     # ENOSYS or EINVAL: the link+unlink route must keep the same guarantee,
     # moving the file and never replacing an existing target.
-    result = _traced(_RENAME, [f"renameat2:error={error}"], str(tmp_path))
+    result = run_traced(_RENAME, [f"renameat2:error={error}"], str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["moved False message", "refused message other"]
 
@@ -81,7 +81,9 @@ def test_rename_noreplace_fallback_takes_its_link_back_when_the_source_was_taken
         except FileNotFoundError:
             print("lost", os.path.exists(dst))
     """
-    result = _traced(code, ["renameat2:error=ENOSYS", "unlink:error=ENOENT:when=1"], str(tmp_path))
+    result = run_traced(
+        code, ["renameat2:error=ENOSYS", "unlink:error=ENOENT:when=1"], str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "lost False"
     assert (tmp_path / "src").read_text() == "message"  # the injected unlink never happened
@@ -117,7 +119,7 @@ def test_makedirs_loses_a_race_quietly(tmp_path: Path) -> None:
         from atempstore._durable import makedirs
         print(makedirs(os.path.join(sys.argv[1], "a", "b")))
     """
-    result = _traced(code, ["mkdir:error=EEXIST:when=3"], str(tmp_path))
+    result = run_traced(code, ["mkdir:error=EEXIST:when=3"], str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
     assert (tmp_path / "a").is_dir()
@@ -144,7 +146,7 @@ def test_write_new_file_error_survives_a_failing_cleanup(tmp_path: Path) -> None
         except OSError as exc:
             print(exc.errno)
     """
-    result = _traced(code, ["write:error=ENOSPC:when=1", "unlink:error=EIO"], str(tmp_path))
+    result = run_traced(code, ["write:error=ENOSPC:when=1", "unlink:error=EIO"], str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "28"
 
