@@ -32,6 +32,10 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+def _granted(waiter: _flock.Waiter) -> bool:
+    return waiter.granted  # read anew each time (the thread sets it)
+
+
 def _open(path: Path) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -91,7 +95,7 @@ def test_a_grant_moves_over_only_once_the_callers_description_can_take_it(
     thread.start()
     thread.join(0.2)
     assert thread.is_alive()  # waiting again, not granted
-    assert not waiter.granted
+    assert not _granted(waiter)
     fcntl.flock(holder, fcntl.LOCK_UN)
     thread.join(10)
     assert not thread.is_alive()
