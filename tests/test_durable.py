@@ -184,3 +184,20 @@ def test_publish_new_file_falls_back_to_staging_without_o_tmpfile(
         _durable.publish_new_file(tmp_path, "msg", b"other", staging=tmp_path / ".staging")
     assert os.listdir(tmp_path) == ["msg"]
     assert (tmp_path / "msg").read_bytes() == b"data"
+
+
+@pytest.mark.parametrize(("durable", "fsyncs"), [(True, 1), (False, 0)])
+def test_write_new_file_fsyncs_only_when_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+) -> None:
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    _durable.write_new_file(tmp_path / "f", b"data", durable=durable)
+    assert (tmp_path / "f").read_bytes() == b"data"
+    assert len(calls) == fsyncs
