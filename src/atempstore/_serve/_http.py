@@ -119,37 +119,6 @@ class Unsatisfiable(Exception):
     """The Range lies wholly past the end of the file: 416."""
 
 
-_RANGE = re.compile(r"\s*bytes\s*=\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII | re.IGNORECASE)
-
-
-def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
-    """``(start, stop)`` (stop exclusive) for one byte range, or None to send it all.
-
-    A missing, malformed or multi-range header is ignored (RFC 9110 lets a
-    server ignore Range; answering several ranges would need multipart
-    bodies).  A range that starts at or past the end raises `Unsatisfiable`.
-    """
-    if not value:
-        return None
-    match = _RANGE.fullmatch(value)
-    if match is None:
-        return None
-    first, last = match[1], match[2]
-    if not first:
-        if not last:
-            return None
-        suffix = int(last)
-        if suffix == 0 or size == 0:
-            raise Unsatisfiable
-        return max(0, size - suffix), size
-    start = int(first)
-    if last and int(last) < start:
-        return None  # "bytes=9-3" is invalid: ignore it
-    if start >= size:
-        raise Unsatisfiable
-    return start, size if not last else min(int(last) + 1, size)
-
-
 _SPEC = re.compile(r"\s*([0-9]*)\s*-\s*([0-9]*)\s*", re.ASCII)
 _UNIT = re.compile(r"\s*bytes\s*=", re.ASCII | re.IGNORECASE)
 
@@ -203,6 +172,15 @@ def parse_ranges(value: str | None, size: int) -> list[tuple[int, int]] | None:
         else:
             merged.append((start, stop))
     return merged
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, stop)`` (stop exclusive) for a header that asks for one span,
+    else None (no header, a malformed one, or several spans: `parse_ranges`
+    answers those).  A range that starts at or past the end raises `Unsatisfiable`.
+    """
+    spans = parse_ranges(value, size)
+    return spans[0] if spans is not None and len(spans) == 1 else None
 
 
 def _field(headers: Headers, name: str) -> str | None:
@@ -303,7 +281,6 @@ def answer(
     mtime_ns: int,
     media: str,
     tag: str | None = None,
-    multipart: bool = False,
     extra: tuple[tuple[str, str], ...] = (),
 ) -> Answer:
     """The answer to ``method`` with request ``headers`` for a file of ``size`` bytes.
@@ -311,9 +288,8 @@ def answer(
     ``media`` is its `media_type`, ``tag`` its ETag (`etag` of size and
     mtime unless given).  The status is 304 or 412 when a precondition
     decides, 416 for a range past the end (unless ``If-Range`` says the
-    client's copy is stale), 206 for one satisfiable range, else 200.  With
-    ``multipart``, several ranges get a 206 ``multipart/byteranges``
-    (`parse_ranges`); without it they are ignored (200).  ``extra`` fields
+    client's copy is stale), 206 for one satisfiable range or, for several, a
+    206 ``multipart/byteranges`` (`parse_ranges`), else 200.  ``extra`` fields
     (``Content-Disposition``...) go with a 200 or 206.
     """
     tag = tag or etag(size, mtime_ns)
@@ -327,11 +303,7 @@ def answer(
     value = _field(headers, "range")
     spans: list[tuple[int, int]] | None
     try:
-        if multipart:
-            spans = parse_ranges(value, size)
-        else:
-            one = parse_range(value, size)
-            spans = None if one is None else [one]
+        spans = parse_ranges(value, size)
     except Unsatisfiable:
         spans = None
         if _range_applies(headers, tag, mtime):

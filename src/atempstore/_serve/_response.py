@@ -156,7 +156,6 @@ class CachedFileResponse(Response):
             mtime_ns=info.mtime_ns,
             media=self.media_type or media_type(name),
             tag=info.etag,
-            multipart=True,
             extra=extra,
         )
 
