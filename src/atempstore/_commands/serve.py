@@ -148,10 +148,6 @@ def run(args: argparse.Namespace) -> int:
     access.addHandler(handler)
     access.setLevel(logging.INFO)
     access.propagate = False
-    # A response cut because its source changed is told once, by the note of
-    # its access line; the web layer's own warning (for users' handlers, which
-    # have no access line of ours) would say it a second time.
-    logging.getLogger("atempstore.web").setLevel(logging.ERROR)
 
     def say(line: str) -> None:
         print(line, flush=True)

@@ -262,6 +262,7 @@ class _Endpoint:
         server is built on exactly what users' handlers return."""
         del headers  # the response reads them from the scope itself
         response = CachedFileResponse(self.state.cache, found.path, media_type=found.media_type)
+        response.log_note = False  # the access line below tells it
 
         async def send(message: Message) -> None:
             # Counted for the access line: the status once it is out, and the

@@ -117,6 +117,10 @@ class CachedFileResponse(Response):
         #: (``""`` if no body was read) and what went wrong, if anything.
         self.mode = ""
         self.note = ""
+        # Whether this response logs its note itself: a server that writes the
+        # note into its own access line (``atempstore serve``) turns it off,
+        # so each event is told once.
+        self.log_note = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = str(scope.get("method", "GET"))
@@ -137,9 +141,13 @@ class CachedFileResponse(Response):
                 await _plain(send, method, *error_status(exc))
                 break
         else:
-            self.note = "the file keeps changing"
-            log.warning("%s: the file keeps changing; answered 503", _key(self.source))
+            self.note = "the file keeps changing; answered 503"
             await _plain(send, method, 503, "the file keeps changing; try again")
+        if self.note and self.log_note:
+            if self.note == _GONE:  # expected: not a warning
+                log.info("%s: the client went away", _key(self.source))
+            else:
+                log.warning("%s: %s", _key(self.source), self.note)
         if self.background is not None:
             await self.background()
 
@@ -190,6 +198,9 @@ class CachedFileResponse(Response):
             return True
         finally:
             await f.aclose()
+
+
+_GONE = "client went away"
 
 
 def _key(source: object) -> str:
@@ -294,9 +305,5 @@ async def _stream(
         group.cancel_scope.cancel()
     if changed is not None:
         # Headers are out: a cut connection is the only honest signal left.
-        log.warning("%s: response cut, the source changed: %s", f.key, changed)
         return f"aborted: {changed}"
-    if gone:
-        log.info("%s: the client went away", f.key)
-        return "client went away"
-    return ""
+    return _GONE if gone else ""
