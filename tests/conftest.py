@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ __all__ = (
     "open_fds",
     "require_tool",
     "run_python",
+    "run_traced",
     "spawn_python",
 )
 
@@ -42,6 +43,38 @@ def require_tool(name: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+def run_traced(
+    code: str,
+    injects: Sequence[str] = (),
+    *args: str,
+    options: Sequence[str] = (),
+    log: Path | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code`` (``args`` after it) under ``strace -f``.
+
+    ``injects`` become ``-e inject=...`` (real syscall failures), ``options``
+    further strace options (``-e trace=...``, ``-yy``, ``-P PATH``); the calls
+    go to ``log`` when given.  A missing strace skips (fails in CI).
+    """
+    strace = require_tool("strace")
+    injected = [arg for inject in injects for arg in ("-e", f"inject={inject}")]
+    out = str(log) if log is not None else os.devnull
+    # Importing portalocker calls tempfile.gettempdir(), which probes its
+    # directory with a write and an unlink: settle it first, so that the
+    # first write or unlink injected is the code's own.
+    code = "import tempfile; tempfile.tempdir = '/tmp'\n" + textwrap.dedent(code)
+    command = [strace, "-f", "-qq", "-o", out, *options, *injected]
+    return subprocess.run(
+        [*command, sys.executable, "-c", code, *args],
+        env=_env(),
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def loop_thread_lines(stdout: str, log: Path) -> list[str]:

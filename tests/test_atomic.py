@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from atempstore import open_atomic
-from tests.conftest import REPO, require_tool
-from tests.test_durable import run_traced
+from tests.conftest import REPO, require_tool, run_traced
 
 _OVERWRITE = """
     import asyncio, os, sys

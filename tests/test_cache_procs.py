@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, loop_thread_lines, names_path_under, require_tool, spawn_python
+from .conftest import (
+    REPO,
+    loop_thread_lines,
+    names_path_under,
+    run_traced,
+    spawn_python,
+)
 from .test_cache import change_source
 
 MiB = 1 << 20
@@ -358,16 +364,13 @@ def test_the_loop_thread_closes_no_cache_or_source_fd(tmp_path: Path) -> None:
     """strace -f -yy: no call of the loop thread names a file of the tour (a
     path, or an fd shown with its path): close of cache files, source files,
     part and lock files all happen in the hop of the operation they belong to."""
-    strace = require_tool("strace")
     root = tmp_path / "tour"
     root.mkdir()
     (root / "src.bin").write_bytes(os.urandom(3 * MiB))
     (root / "big.bin").write_bytes(os.urandom(9 * MiB))
     log = tmp_path / "strace.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    command = [strace, "-f", "-yy", "-qq", "-s", "4096", "-e", "trace=%file,%desc"]
-    command += ["-e", "signal=none", "-o", str(log), sys.executable, "-c", CACHE_TOUR, str(root)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    options = ["-yy", "-s", "4096", "-e", "trace=%file,%desc", "-e", "signal=none"]
+    result = run_traced(CACHE_TOUR, (), str(root), options=options, log=log)
     assert result.returncode == 0, result.stderr
     assert "tour done" in result.stdout, result.stdout
     own = loop_thread_lines(result.stdout, log)

@@ -8,35 +8,12 @@ come from ``strace -e inject=...`` in a child process or a small tmpfs.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from atempstore import _durable
-from tests.conftest import REPO, mounted_tmpfs, require_tool
-
-
-def run_traced(code: str, injects: list[str], *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``python -c code`` under ``strace -e inject=...`` (real syscall failures)."""
-    strace = require_tool("strace")
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    options = [arg for inject in injects for arg in ("-e", f"inject={inject}")]
-    # tempfile.gettempdir() probes its directory with a write and an unlink
-    # (an import calls it): set it first, so that the first write or unlink
-    # injected is the code's own.
-    code = "import tempfile; tempfile.tempdir = '/tmp'\n" + textwrap.dedent(code)
-    return subprocess.run(
-        [strace, "-f", "-qq", "-o", os.devnull, *options, sys.executable, "-c", code, *args],
-        env=env,
-        text=True,
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-
+from tests.conftest import mounted_tmpfs, run_traced
 
 _RENAME = """
     import os, sys

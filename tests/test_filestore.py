@@ -15,7 +15,6 @@ import itertools
 import os
 import random
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -53,7 +52,9 @@ from .conftest import (
     mounted_tmpfs,
     names_path_under,
     open_fds,
+    require_tool,
     run_python,
+    run_traced,
     spawn_python,
 )
 
@@ -285,31 +286,10 @@ asyncio.run(main())
 @pytest.mark.faults
 @pytest.mark.parametrize("when", [1, 2], ids=["file-fsync", "dir-fsync"])
 def test_deliver_eio_at_fsync_leaves_nothing(tmp_path: Path, when: int) -> None:
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
     root = tmp_path / "store"
     asyncio.run(FileStore(root).prepare())
-    done = subprocess.run(
-        [
-            "strace",
-            "-f",
-            "-qq",
-            "-o",
-            os.devnull,
-            "-e",
-            "trace=fsync",
-            "-e",
-            f"inject=fsync:error=EIO:when={when}",
-            sys.executable,
-            "-c",
-            EIO_CHILD,
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=60,
-        check=False,
+    done = run_traced(
+        EIO_CHILD, [f"fsync:error=EIO:when={when}"], str(root), options=["-e", "trace=fsync"]
     )
     assert done.stdout.strip() == f"error {errno.EIO}", done.stderr
     assert os.listdir(root / "tmp") == []
@@ -320,17 +300,8 @@ def traced_deliver(root: Path, *strace_args: str) -> tuple[str, list[str]]:
     """Deliver b"payload" into ``root`` in a child under strace; its output and
     the traced calls."""
     log = root.parent / "strace.log"
-    done = subprocess.run(
-        [
-            *("strace", "-f", "-qq", "-e", "signal=none", "-o", str(log), *strace_args),
-            *(sys.executable, "-c", EIO_CHILD, str(root)),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=60,
-        check=False,
-    )
+    options = ["-e", "signal=none", *strace_args]
+    done = run_traced(EIO_CHILD, (), str(root), options=options, log=log)
     assert done.returncode == 0, done.stderr
     calls = [line.split(maxsplit=1)[1] for line in log.read_text().splitlines()]
     return done.stdout.strip(), calls
@@ -340,8 +311,7 @@ def traced_deliver(root: Path, *strace_args: str) -> tuple[str, list[str]]:
 def test_deliver_writes_no_temporary_name_where_linux_allows(tmp_path: Path) -> None:
     # O_TMPFILE: the message is written unnamed in new/ and linked in whole;
     # tmp/ is never touched, so a crash mid-deliver leaves nothing behind.
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     root = tmp_path / "store"
     asyncio.run(FileStore(root).prepare())
     # Every open, link and unlink of the whole process is traced.
@@ -364,8 +334,7 @@ def test_deliver_falls_back_to_tmp_where_unnamed_files_fail(tmp_path: Path, inje
     # The 2nd openat on new/ is the O_TMPFILE open (the 1st opens new/ itself);
     # the 1st linkat names the unnamed file.  Either failing the way an
     # unsupporting system fails sends the message through tmp/ instead.
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
+    require_tool("strace")
     root = tmp_path / "store"
     asyncio.run(FileStore(root).prepare())
     # -P: only calls on new/ count towards "when" (and are logged).
@@ -1217,21 +1186,10 @@ asyncio.run(FileStore(sys.argv[1]).prepare())
 def test_prepare_makes_a_new_store_durable(tmp_path: Path) -> None:
     """Each directory created is followed by an fsync of its parent: a power
     cut cannot lose the store (or an area) that messages were delivered into."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
     root = tmp_path / "a" / "store"
     log = tmp_path / "strace.log"
-    done = subprocess.run(
-        [
-            *("strace", "-f", "-qq", "-y", "-e", "trace=mkdir,mkdirat,fsync", "-o", str(log)),
-            *(sys.executable, "-c", PREPARE, str(root)),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=60,
-        check=False,
-    )
+    options = ["-y", "-e", "trace=mkdir,mkdirat,fsync"]
+    done = run_traced(PREPARE, (), str(root), options=options, log=log)
     assert done.returncode == 0, done.stderr
     calls = [line.split(maxsplit=1)[1] for line in log.read_text().splitlines()]
     made = [c for c in calls if c.startswith("mkdir") and c.endswith("= 0")]
@@ -1362,20 +1320,10 @@ print("tour done", flush=True)
 def test_the_loop_thread_makes_no_syscall_on_the_stores_fds(tmp_path: Path) -> None:
     """strace -f -yy: no call of the loop thread names a file of the store or
     the inotify fd, from the first line of the tour on."""
-    if shutil.which("strace") is None:
-        pytest.skip("strace is not installed")
     root = tmp_path / "spool"
     log = tmp_path / "strace.log"
-    command = ["strace", "-f", "-yy", "-qq", "-e", "trace=%file,%desc", "-e", "signal=none"]
-    command += ["-o", str(log), sys.executable, "-c", LOOP_TOUR, str(root)]
-    done = subprocess.run(
-        command,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    options = ["-yy", "-e", "trace=%file,%desc", "-e", "signal=none"]
+    done = run_traced(LOOP_TOUR, (), str(root), options=options, log=log)
     assert done.returncode == 0, done.stderr
     assert "tour done" in done.stdout, done.stdout
     lines = log.read_text(errors="replace").splitlines()

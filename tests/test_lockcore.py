@@ -13,8 +13,7 @@ import pytest
 from atempstore import _lockcore
 from atempstore._errors import LockException
 from atempstore._locks import LOCK_EX, lock
-from tests.conftest import lock_is_held
-from tests.test_durable import run_traced
+from tests.conftest import lock_is_held, run_traced
 
 
 async def test_lock_refuses_a_negative_fd() -> None:

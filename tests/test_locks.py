@@ -40,12 +40,11 @@ from atempstore import (
 
 from .cancelling import CancelPoint, cancel_points
 from .conftest import (
-    REPO,
     lock_is_held,
     names_path_under,
     open_fds,
-    require_tool,
     run_python,
+    run_traced,
     spawn_python,
 )
 
@@ -1058,22 +1057,11 @@ print("done", flush=True)
 def test_the_loop_thread_makes_no_syscall_on_lock_files(tmp_path: Path) -> None:
     """strace -f -yy: no call of the loop thread names a file of the tour's
     directory (a path, or an fd that strace shows with its path)."""
-    require_tool("strace")
     root = tmp_path / "tour"
     root.mkdir()
     log = tmp_path / "strace.log"
-    done = subprocess.run(
-        [
-            *("strace", "-f", "-qq", "-yy", "-e", "signal=none", "-o", str(log)),
-            *("-e", "trace=desc,file"),
-            *(sys.executable, "-c", TOUR, str(root)),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        timeout=120,
-        check=False,
-    )
+    options = ["-yy", "-e", "signal=none", "-e", "trace=desc,file"]
+    done = run_traced(TOUR, (), str(root), options=options, log=log)
     assert done.returncode == 0, done.stderr
     loop_thread, status = done.stdout.split()
     assert status == "done"

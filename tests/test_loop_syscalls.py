@@ -11,14 +11,11 @@ an fd that ``-yy`` shows with its path) is a failure.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, loop_thread_lines, names_path_under, require_tool
+from .conftest import loop_thread_lines, names_path_under, run_traced
 
 TOUR = r"""
 import asyncio, os, sys, threading
@@ -100,14 +97,11 @@ print("tour done", flush=True)
 @pytest.mark.multiprocess
 @pytest.mark.faults
 def test_the_loop_thread_makes_no_syscall_on_users_files(tmp_path: Path) -> None:
-    strace = require_tool("strace")
     root = tmp_path / "tour"
     root.mkdir()
     log = tmp_path / "strace.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    command = [strace, "-f", "-yy", "-qq", "-e", "trace=%file,%desc", "-e", "signal=none"]
-    command += ["-o", str(log), sys.executable, "-c", TOUR, str(root)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    options = ["-yy", "-e", "trace=%file,%desc", "-e", "signal=none"]
+    result = run_traced(TOUR, (), str(root), options=options, log=log)
     assert result.returncode == 0, result.stderr
     assert "tour done" in result.stdout, result.stdout
     # Only calls from the tour on count (the script's own set-up writes
