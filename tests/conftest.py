@@ -136,6 +136,20 @@ def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.Complet
 
 
 @pytest.fixture
+def fsync_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The fds ``os.fsync`` is called on during the test (the calls still happen)."""
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+@pytest.fixture
 def no_blocking_io() -> Iterator[list[str]]:
     """Inside the test, atempstore must not do path I/O on the event-loop thread."""
     with forbid_blocking_io() as violations:

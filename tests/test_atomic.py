@@ -90,16 +90,9 @@ def test_an_error_copying_the_owner_leaves_no_temp_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("durable", "fsyncs"), [(True, 2), (False, 0)])
 async def test_durable_false_publishes_without_fsync(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+    tmp_path: Path, fsync_calls: list[int], durable: bool, fsyncs: int
 ) -> None:
-    calls: list[int] = []
-    real_fsync = os.fsync
-
-    def counting(fd: int) -> None:
-        calls.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
+    calls = fsync_calls
     target = tmp_path / "f"
     async with open_atomic(target, durable=durable) as fh:
         await fh.write(b"data")

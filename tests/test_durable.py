@@ -165,16 +165,9 @@ def test_publish_new_file_falls_back_to_staging_without_o_tmpfile(
 
 @pytest.mark.parametrize(("durable", "fsyncs"), [(True, 1), (False, 0)])
 def test_write_new_file_fsyncs_only_when_durable(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, fsyncs: int
+    tmp_path: Path, fsync_calls: list[int], durable: bool, fsyncs: int
 ) -> None:
-    calls: list[int] = []
-    real_fsync = os.fsync
-
-    def counting(fd: int) -> None:
-        calls.append(fd)
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", counting)
+    calls = fsync_calls
     _durable.write_new_file(tmp_path / "f", b"data", durable=durable)
     assert (tmp_path / "f").read_bytes() == b"data"
     assert len(calls) == fsyncs
