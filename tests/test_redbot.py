@@ -18,10 +18,8 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from typing import Any
 import pytest
 
 from .conftest import REPO, require_tool
+from .servers import free_port, nginx_command, running
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,29 +39,6 @@ PATHS = ("/notes.txt", "/blob.bin", "/sub/")
 # Notes atempstore may get where nginx does not, with why each is acceptable.
 # (None so far: add an entry only with its reason.)
 ALLOWED: dict[str, str] = {}
-
-NGINX_CONF = """\
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log {dir}/access.log;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    sendfile on;
-    types {{ text/plain txt; application/octet-stream bin; }}
-    server {{
-        listen 127.0.0.1:{port};
-        root {root};
-        autoindex on;
-    }}
-}}
-"""
-
 
 # REDbot 2.7 needs Python 3.11; CI runs this check in its 3.13 job.  (A plain
 # bool, not a version test in the `if`: mypy, set to 3.10, would call the
@@ -94,54 +70,13 @@ def www(tmp_path: Path) -> Path:
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {log.read_text()}") from None
-            time.sleep(0.02)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def nginx(www: Path, tmp_path: Path) -> Iterator[str]:
-    binary = require_tool("nginx")
+    require_tool("nginx")
     port = free_port()
-    conf_dir = tmp_path / "nginx"
-    conf_dir.mkdir()
-    # As root, nginx's workers would run as nobody, who cannot enter pytest's tmp_path.
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf = NGINX_CONF.format(user=user, dir=conf_dir, port=port, root=www)
-    (conf_dir / "nginx.conf").write_text(conf)
-    log = conf_dir / "out.log"
-    command = [binary, "-p", str(conf_dir), "-c", str(conf_dir / "nginx.conf")]
-    command += ["-g", "daemon off; master_process on; worker_processes 1;"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_listening(proc, port, log)
+    command = nginx_command(tmp_path / "nginx", www, port)
+    with running(command, port, tmp_path / "nginx.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 @pytest.fixture
@@ -149,16 +84,10 @@ def atempstore(www: Path, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     env.pop("ATEMPSTORE_SERVE_EXIT_AFTER", None)
-    log = tmp_path / "atempstore.log"
     command = [sys.executable, "-m", "atempstore.cli", "serve", str(www), "--workers", "2"]
     command += ["--port", str(port), "--host", "127.0.0.1", "--cache", str(tmp_path / "cache")]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_listening(proc, port, log)
+    with running(command, port, tmp_path / "atempstore.log", env=env):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 def notes(redbot: list[str], url: str) -> dict[str, dict[str, str]]:
