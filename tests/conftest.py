@@ -136,6 +136,17 @@ def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.Complet
 
 
 @pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[str]]]:
+    """Child processes a test starts: killed (if still running) and reaped after it."""
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+@pytest.fixture
 def fsync_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The fds ``os.fsync`` is called on during the test (the calls still happen)."""
     calls: list[int] = []

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -645,7 +645,9 @@ def test_parse_size() -> None:
 
 
 def cli(*args: str) -> subprocess.Popen[str]:
+    """``atempstore serve ARGS`` as a child with pipes (CI's own stop-after unset)."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
+    env.pop("ATEMPSTORE_SERVE_EXIT_AFTER", None)
     return subprocess.Popen(
         [sys.executable, "-m", "atempstore.cli", "serve", *args],
         env=env,
@@ -694,16 +696,6 @@ def wait_for_url(proc: subprocess.Popen[str]) -> tuple[str, list[str]]:
             return match[2], seen
     proc.wait(10)
     raise AssertionError(f"no URL printed: {seen} {proc.stderr.read() if proc.stderr else ''}")
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 @pytest.mark.multiprocess

@@ -10,40 +10,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from .conftest import REPO
+from .test_serve import cli
 
 pytestmark = pytest.mark.multiprocess
 
 MiB = 1 << 20
 BIG = 16 * MiB
-
-
-def cli(*args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), PYTHONUNBUFFERED="1")
-    env.pop("ATEMPSTORE_SERVE_EXIT_AFTER", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "atempstore.cli", "serve", *args],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
 
 
 def started(proc: subprocess.Popen[str]) -> tuple[str, list[int]]:
