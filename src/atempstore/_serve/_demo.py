@@ -7,19 +7,15 @@ at once (one copy into the cache), a ``Range`` of the last MiB, a 304
 revalidation, probes out of the directory, and a download from the cache,
 each checked by sha256 against the file on disk, one verdict line each.
 
-Its HTTP client is httpx (part of the ``serve`` extra).  An install of the
-extra made before httpx joined it gets a GET over a bare asyncio stream
-instead, which reads a ``Connection: close`` answer to its end and nothing
-more: the demo only needs a status, three headers and the body's digest.
-Either way the request target is sent as written (``/../outside.txt`` is the
-probe, not what a client library would normalize it to).
+Its HTTP client is httpx (part of the ``serve`` extra), which sends each
+request target as written (``/../outside.txt`` is the probe, not what a
+client library would normalize it to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import os
 import tempfile
@@ -96,38 +92,11 @@ Fields = tuple[tuple[str, str], ...]
 Fetch = Callable[[str, Fields], Awaitable[Reply]]
 
 
-async def _bare_get(host: str, port: int, target: str, headers: Fields) -> Reply:
-    began = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
-        request = [*lines, *(f"{k}: {v}" for k, v in headers), "", ""]
-        writer.write("\r\n".join(request).encode("latin-1"))
-        status, *head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-        digest, length = hashlib.sha256(), 0
-        while chunk := await reader.read(MiB):
-            digest.update(chunk)
-            length += len(chunk)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    fields = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in head) if k}
-    return Reply(
-        int(status.split()[1]), fields, length, digest.hexdigest(), time.perf_counter() - began
-    )
-
-
 @contextlib.asynccontextmanager
-async def client(host: str, port: int, *, use_httpx: bool = True) -> AsyncIterator[Fetch]:
+async def client(host: str, port: int) -> AsyncIterator[Fetch]:
     """A ``fetch(target, headers)`` that GETs ``target`` from ``host:port``."""
-    try:
-        if not use_httpx:
-            raise ImportError("httpx not wanted")
-        import httpx
-    except ImportError:
-        yield functools.partial(_bare_get, host, port)
-        return
+    import httpx  # the serve extra's; imported with the demo, not with atempstore
+
     base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     async with httpx.AsyncClient(base_url=base, timeout=60) as session:
 
@@ -144,7 +113,7 @@ async def client(host: str, port: int, *, use_httpx: bool = True) -> AsyncIterat
                         length += len(chunk)
             except httpx.TransportError as exc:
                 # Ours at the boundary: the caller handles the OSError a
-                # stopping server causes, whichever client met it.
+                # stopping server causes.
                 raise ConnectionError(f"GET {target}: {exc!r}") from exc
             seconds = time.perf_counter() - began
             return Reply(
