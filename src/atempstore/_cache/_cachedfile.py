@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from anyio.abc import AsyncResource
 
-from ._fd import finish
+from .._threads import run_sync
 from ._session import CopySession
 from ._source import FileInfo, Origin
 
@@ -218,7 +218,7 @@ class CachedFile(AsyncResource):
             closer = _both(spare.close, closer)
         if closer is not None:
             # The last reader of a session gives its fds back in this one hop.
-            await finish(closer)
+            await run_sync(closer, shield=True)
         task = session.task
         if session.refs == 0 and task is not None and session.copier is None and not task.done():
             await asyncio.wait({task})  # a follower stopping: let it give back its fds

@@ -1,37 +1,21 @@
-"""Fds that several threads share, and giving fds back off the loop.
+"""Fds that several threads share.
 
 A session's cache file and a path origin's source fd are read by several
 worker threads at once and retired by whichever side stops using them first;
 `SharedFd` makes that safe (a read never lands on a recycled fd number).
-`finish` is how the loop side gives fds back: in a worker thread, to the end,
-even when the caller is cancelled.  Nothing here knows about the cache.
+The loop side gives fds back with ``run_sync(..., shield=True)``: in a worker
+thread, to the end, even when the caller is cancelled.  Nothing here knows
+about the cache.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
-from .._threads import run_sync
-
-__all__ = ("FdClosed", "SharedFd", "finish", "pread_exact", "pwrite_all")
-
-
-async def finish(func: Callable[[], object], *, slow: bool = False) -> None:
-    """Run ``func`` (idempotent: it gives fds back) in a worker thread, to its end.
-
-    Closing changes state, so a cancellation must not keep it from happening:
-    a hop dropped before its worker started it is made again, shielded, and
-    only then is the cancellation let through.
-    """
-    try:
-        await run_sync(func, slow=slow)
-    except asyncio.CancelledError:
-        await asyncio.shield(run_sync(func, slow=slow))
-        raise
+__all__ = ("FdClosed", "SharedFd", "pread_exact", "pwrite_all")
 
 
 class FdClosed(Exception):

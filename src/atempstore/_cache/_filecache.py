@@ -34,7 +34,6 @@ from ._cachedfile import CachedFile, _Opening
 from ._copier import MiB
 from ._directory import Directory
 from ._doorbell import Doorbell, open_doorbell_fd
-from ._fd import finish
 from ._notifier import Notifier, load_asyncinotify
 from ._record import LedgerBusy
 from ._session import CopySession
@@ -227,7 +226,7 @@ class FileCache(AsyncResource):
             session, spare = await self._table.share(origin)
         except BaseException:
             if origin.holds_fd:
-                await finish(origin.close)
+                await run_sync(origin.close, shield=True)
             raise
         return CachedFile(self, session, spare)
 
@@ -287,7 +286,7 @@ class FileCache(AsyncResource):
         bell_fd = self._doorbell.detach() if self._doorbell is not None else -1
         directory = self._dir if self._ready else None
 
-        def shut() -> None:  # idempotent: `finish` may call it twice
+        def shut() -> None:  # idempotent: a cancelled close may be asked again
             try:
                 if close_inotify is not None:
                     close_inotify()
@@ -303,7 +302,7 @@ class FileCache(AsyncResource):
         # One hop for every fd the cache itself holds (inotify, the copy
         # threads' eventfd, the ledger): never closed on the loop.
         once = [shut]
-        await finish(lambda: once.pop()() if once else None)
+        await run_sync(lambda: once.pop()() if once else None, shield=True)
         self._shut = True
 
 

@@ -57,7 +57,7 @@ from .._errors import SourceChangedError
 from .._flock import wait_for_lock
 from .._threads import run_sync
 from ._copier import Copier
-from ._fd import FdClosed, SharedFd, finish, pread_exact
+from ._fd import FdClosed, SharedFd, pread_exact
 from ._probe import Mode
 from ._record import QUEUED, read_progress
 from ._source import Origin, Version
@@ -404,7 +404,7 @@ class CopySession:
     async def _close_now(self) -> None:
         closer = self.close()
         if closer is not None:
-            await finish(closer)
+            await run_sync(closer, shield=True)
 
 
 def _read_cached(data: SharedFd, offset: int, n: int, key: str) -> bytes:
@@ -443,7 +443,7 @@ def _give_back(
 
     once = [lock_fd]
 
-    def give_back() -> None:  # idempotent: `finish` may call it twice
+    def give_back() -> None:  # idempotent: a cancelled close may be asked again
         try:
             if data is not None:
                 data.close()

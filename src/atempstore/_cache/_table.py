@@ -23,7 +23,7 @@ from .._threads import run_sync
 from ._copier import Copier
 from ._directory import Directory
 from ._doorbell import Doorbell
-from ._fd import SharedFd, finish
+from ._fd import SharedFd
 from ._notifier import Notifier
 from ._probe import Probe, is_mode
 from ._probe import discard as discard_probe
@@ -125,7 +125,7 @@ class SessionTable:
                     self._probes_done.set()
             if self._is_closed():
                 # aclose() ran during the hop: start nothing it would not stop.
-                await finish(partial(self._discard, probe), slow=True)
+                await run_sync(self._discard, probe, slow=True, shield=True)
                 raise RuntimeError(f"{self._cache!r} was closed while opening {origin.key!r}")
             if probe.kind == "busy":
                 wait = True
