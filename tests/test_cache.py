@@ -1466,3 +1466,37 @@ def test_an_append_caught_between_its_mtime_and_its_length_is_still_growth(
         assert origin.read_checked(9_990, 10) == b"L" * 10
     finally:
         origin.close()
+
+
+def test_an_append_while_the_start_is_read_at_open_keeps_growth_growth(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A log appended to every few ms moved between the two fstats around the
+    # read of its start at open; the start was then unknown, every later
+    # growth counted as a change, and a download was cut (a flaky web test).
+    from atempstore._cache import _fd, _source
+
+    path = tmp_path / "log"
+    path.write_bytes(b"L" * 10_000)
+    real = _fd.pread_exact
+    appended: list[bool] = []
+
+    def read_then_append(fd: int, n: int, offset: int) -> bytes:
+        data = real(fd, n, offset)
+        if not appended:
+            appended.append(True)
+            with open(path, "ab") as f:
+                f.write(b"x\n")
+        return data
+
+    monkeypatch.setattr(_source, "pread_exact", read_then_append)
+    origin = _source.PathOrigin(path)
+    origin.resolve()
+    monkeypatch.setattr(_source, "pread_exact", real)
+    try:
+        assert appended
+        with open(path, "ab") as f:
+            f.write(b"more\n")
+        origin.check()  # only grew: still the version
+    finally:
+        origin.close()

@@ -261,11 +261,16 @@ class PathOrigin(Origin):
                 raise OSError(errno.EINVAL, "only regular files can be cached; pass a file", real)
             first: bytes | None = None
             if head:
-                first = pread_exact(fd, min(HEAD_SIZE, st.st_size), 0)
-                again = os.fstat(fd)
-                if _version(again) != _version(st):
-                    # Changed while we read its start: take the later state, whose
-                    # start we do not know (a growth of it will count as a change).
+                # The start is read between two fstats that must agree, so it
+                # belongs to the version.  A log being appended moves between
+                # them now and then: read again (an append takes microseconds).
+                # Still moving after that, the start stays unknown and any
+                # growth later counts as a change (the safe side).
+                for _ in range(_SETTLE_TRIES):
+                    first = pread_exact(fd, min(HEAD_SIZE, st.st_size), 0)
+                    again = os.fstat(fd)
+                    if _version(again) == _version(st):
+                        break
                     st, first = again, None
                 self._head = first
         except BaseException:
